@@ -1,0 +1,162 @@
+"""The `lanpo` command line.
+
+    lanpo prepare --config configs/tiny-cpu.yaml      # models and data ready, with a summary
+    lanpo data inspect configs/tiny-cpu.yaml          # counts, samples, gold-answer parse rate
+    lanpo verify responses.jsonl --out scored.jsonl   # score model outputs against gold answers
+    lanpo config show configs/tiny-cpu.yaml --set grpo.learning_rate=1e-5
+
+Errors that are the user's to fix (config, data, model) print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+import yaml
+
+from lanpo_core.config import ConfigError, RunConfig, load_config
+from lanpo_core.data import DataError, ProblemSet, load_problems
+from lanpo_core.models import ModelNotFoundError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LANPO: GRPO with language feedback from an experience pool.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect problem sets.")
+config_app = typer.Typer(no_args_is_help=True, help="Show resolved run configurations.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (default: configs/tiny-cpu.yaml).")
+SetOpt = typer.Option(None, "--set", "-s", help="Dotted override KEY=VALUE, repeatable.")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one message and exit status 2 (no stack trace)."""
+    try:
+        yield
+    except (ConfigError, DataError, ModelNotFoundError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _config(path: Optional[Path], overrides: Optional[list[str]]) -> RunConfig:
+    return load_config(path or DEFAULT_CONFIG, overrides or [])
+
+
+def _datasets(cfg: RunConfig) -> list[tuple[str, ProblemSet]]:
+    base = Path(cfg.source).parent if cfg.source else None
+    out = [("train", load_problems(cfg.data.train, base))]
+    out += [("eval", load_problems(spec, base)) for spec in cfg.data.eval]
+    return out
+
+
+def _gold_parse_rate(problem_set: ProblemSet, timeout: float) -> float:
+    """Share of gold answers math-verify can parse and that verify against themselves."""
+    from lanpo_core.verify import Verifier
+
+    with Verifier(["boxed"], timeout_seconds=timeout) as verifier:
+        scores = verifier.score_batch((f"\\boxed{{{p.answer}}}", p.answer) for p in problem_set)
+    return sum(s.status == "correct" for s in scores) / max(len(scores), 1)
+
+
+@app.command()
+def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Prepare the policy and embedding models and the data of a config, then print a summary."""
+    with user_errors():
+        cfg = _config(config, set_)
+        typer.echo(f"config: {cfg.source}  (digest {cfg.digest()})")
+        from lanpo_core.models import load_embedder, resolve_policy
+
+        started = time.perf_counter()
+        policy = resolve_policy(cfg.model.name_or_path, cfg.paths.cache_dir)
+        typer.echo(f"policy:   {cfg.model.name_or_path} -> {policy.path} ({policy.kind}, "
+                   f"{time.perf_counter() - started:.1f}s)")
+        if policy.kind != "hub":
+            from transformers import AutoConfig
+
+            mc = AutoConfig.from_pretrained(policy.path)
+            typer.echo(f"          {mc.model_type}, {mc.num_hidden_layers} layers, hidden {mc.hidden_size}, "
+                       f"vocab {mc.vocab_size}")
+        started = time.perf_counter()
+        embedder = load_embedder(cfg.pool.embedding_model)
+        dim = embedder.encode(["warm-up"]).shape[1]
+        typer.echo(f"embedder: {cfg.pool.embedding_model} (dim {dim}, {time.perf_counter() - started:.1f}s)")
+        _print_datasets(cfg, samples=1)
+        typer.secho("ready.", fg=typer.colors.GREEN)
+
+
+def _print_datasets(cfg: RunConfig, samples: int) -> None:
+    for role, problem_set in _datasets(cfg):
+        report = problem_set.report
+        rate = _gold_parse_rate(problem_set, cfg.verify.timeout_seconds)
+        typer.echo(f"{role:5} {problem_set.name}: {len(problem_set)} problems from {report.origin} "
+                   f"({report.rows} rows read, {len(report.missing_gold)} without gold, "
+                   f"{len(report.duplicates)} duplicates); gold answers parsable: {rate:.1%}")
+        for warning in report.warnings():
+            typer.secho(f"      warning: {warning}", fg=typer.colors.YELLOW)
+        for problem in problem_set.problems[:samples]:
+            question = " ".join(problem.question.split())
+            typer.echo(f"      [{problem.id}] {question[:100]}{'...' if len(question) > 100 else ''}"
+                       f"  -> {problem.answer}")
+
+
+@data_app.command("inspect")
+def data_inspect(config: Optional[Path] = typer.Argument(None, help="YAML run config."),
+                 set_: Optional[list[str]] = SetOpt,
+                 samples: int = typer.Option(3, help="Problems to show per dataset.")) -> None:
+    """Counts, skipped rows, samples and the gold-answer parse rate of every dataset in a config."""
+    with user_errors():
+        cfg = _config(config, set_)
+        _print_datasets(cfg, samples)
+
+
+@app.command()
+def verify(responses: Path = typer.Argument(..., help="JSONL with a response and a gold answer per line."),
+           response_field: str = typer.Option("response", help="Field holding the model's response."),
+           gold_field: str = typer.Option("answer", help="Field holding the gold answer."),
+           out: Optional[Path] = typer.Option(None, help="Write each row plus its score here (JSONL)."),
+           config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Score a JSONL of responses against gold answers with the config's extraction and time limit."""
+    from lanpo_core.data import read_jsonl
+    from lanpo_core.verify import Verifier, summarize
+
+    with user_errors():
+        cfg = _config(config, set_)
+        rows = list(read_jsonl(responses))
+        for line, row in rows:
+            for name in (response_field, gold_field):
+                if name not in row:
+                    raise DataError(f"{responses}:{line}: no field '{name}' (fields: {', '.join(row)})")
+        with Verifier.from_config(cfg.verify) as verifier:
+            scores = verifier.score_batch((str(r[response_field]), str(r[gold_field])) for _, r in rows)
+        if out is not None:
+            with open(out, "w", encoding="utf-8") as handle:
+                for (_, row), score in zip(rows, scores):
+                    handle.write(json.dumps({**row, "score": score.as_dict()}) + "\n")
+        summary = summarize(scores)
+        typer.echo(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = typer.Argument(None, help="YAML run config (default: tiny-cpu)."),
+                set_: Optional[list[str]] = SetOpt) -> None:
+    """Print the fully resolved config (defaults filled in, overrides applied)."""
+    with user_errors():
+        cfg = _config(config, set_)
+        typer.echo(f"# {cfg.source}  digest {cfg.digest()}")
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+def main() -> None:  # `python -m flows.cli`
+    app(prog_name="lanpo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,516 @@
+"""Typed run configuration for lanpo.
+
+One `RunConfig` holds everything a run needs. It is loaded from a YAML file (see `configs/`) plus dotted
+overrides (`--set grpo.learning_rate=1e-6`), and validated before any work starts: an unknown key, a value of
+the wrong type or out of range fails with the key, the file and what was expected.
+
+Every field carries a docstring (pydantic reads them as field descriptions, so they also show in the JSON
+schema that the Prefect UI renders). Where a default comes from METHOD.md (shared/docs/METHOD.md) or from
+TRL, the docstring says so; `docs/defaults.md` records why each LANPO default was chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUNDLED_POLICY = "smollm2-135m-instruct"
+BUNDLED_EMBEDDER = "all-minilm-l6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class LoraConfig(_Section):
+    enabled: bool = False
+    """Train a LoRA adapter (peft) instead of all weights."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (peft `lora_alpha`)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or peft's `all-linear`."""
+
+
+class ModelConfig(_Section):
+    name_or_path: str = BUNDLED_POLICY
+    """Policy model: the bundled `smollm2-135m-instruct`, a local folder, or a Hugging Face hub name."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub name."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype of the master weights. On CPU keep float32 and use `grpo.bf16` autocast (faster here, stack.md §4)."""
+    trust_remote_code: bool = False
+    """Passed to transformers; needed by some hub models."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA settings (off by default: the 135M model is trained in full)."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ArithmeticConfig(_Section):
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
+    """Operations to draw from."""
+    min_digits: int = Field(1, ge=1, le=9)
+    """Fewest digits per operand."""
+    max_digits: int = Field(1, ge=1, le=9)
+    """Most digits per operand."""
+    allow_negative: bool = False
+    """Allow subtractions with a negative result (otherwise operands are swapped)."""
+    heldout_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    """Share of all distinct questions kept for the held-out split; train and held-out never share a question."""
+    seed: int = 0
+    """Seed of the generator: the same seed always gives the same problems and the same split."""
+
+    @model_validator(mode="after")
+    def _digits_ordered(self) -> "ArithmeticConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})")
+        return self
+
+
+class DatasetConfig(_Section):
+    format: Literal["arithmetic", "gsm8k", "math", "competition", "table", "hf"] = "arithmetic"
+    """How to read it: procedural `arithmetic`; `gsm8k` JSONL (gold after `####`); `math` JSONL (`answer`, else
+    last `\\boxed{}` of `solution`); `competition` JSONL (AIME/AMC: `problem`/`question` and `answer`); `table` for
+    any JSONL/CSV/parquet with the column mapping below; `hf` for a Hugging Face hub dataset."""
+    path: str | None = None
+    """File to read (not for `arithmetic`/`hf`). Relative paths are resolved against the config file's folder,
+    then the current directory; `${shared}` expands to the shared data folder (env `LANPO_SHARED_DATA`)."""
+    name: str | None = None
+    """Short label used in ids, metrics and reports. Default: derived from the format and path."""
+    split: str = "train"
+    """`arithmetic`: `train` or `heldout`; `hf`: the dataset split."""
+    hf_name: str | None = None
+    """Hub dataset name for `format: hf`, e.g. `openai/gsm8k`."""
+    hf_config: str | None = None
+    """Hub dataset config name, e.g. `main` for GSM8K."""
+    question_field: str = "question"
+    """Column with the problem text (`table`/`hf`)."""
+    answer_field: str = "answer"
+    """Column with the gold answer (`table`/`hf`)."""
+    answer_style: Literal["plain", "gsm8k", "boxed"] = "plain"
+    """How the gold answer column is written (`table`/`hf`): as is, GSM8K `#### N`, or the last `\\boxed{}`."""
+    id_field: str | None = None
+    """Optional column with a source id, kept in metadata (the problem id is always the content hash)."""
+    limit: int | None = Field(None, ge=1)
+    """Keep only the first N problems (after shuffling when `shuffle`)."""
+    shuffle: bool = False
+    """Shuffle with `seed` before `limit`."""
+    seed: int = 0
+    """Seed for `shuffle`."""
+    size: int = Field(200, ge=1)
+    """`arithmetic` only: number of problems to draw for this split (capped by the distinct questions available)."""
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    """`arithmetic` only: generator settings."""
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> "DatasetConfig":
+        if self.format in ("gsm8k", "math", "competition", "table") and not self.path:
+            raise ValueError(f"format '{self.format}' needs a `path`")
+        if self.format == "hf" and not self.hf_name:
+            raise ValueError("format 'hf' needs `hf_name`")
+        if self.format == "arithmetic" and self.split not in ("train", "heldout"):
+            raise ValueError(f"arithmetic split must be 'train' or 'heldout', got '{self.split}'")
+        return self
+
+
+class DataConfig(_Section):
+    train: DatasetConfig = Field(default_factory=DatasetConfig)
+    """Training problems."""
+    eval: list[DatasetConfig] = Field(
+        default_factory=lambda: [DatasetConfig(split="heldout", size=100, name="arithmetic-heldout")]
+    )
+    """Held-out benchmarks for evaluation."""
+
+
+# ----------------------------------------------------------------------------------- prompts, verify
+class PromptConfig(_Section):
+    solve_instruction: str = "Reason step by step, and put your final answer within \\boxed{}."
+    """Appended to the problem in the plain solve prompt (METHOD.md step 2)."""
+    system_prompt: str | None = None
+    """System message; None keeps the chat template's own default."""
+
+
+class VerifyConfig(_Section):
+    extraction: list[Literal["boxed", "hashes", "answer_is", "last_number"]] = Field(
+        default_factory=lambda: ["boxed", "hashes", "answer_is", "last_number"], min_length=1
+    )
+    """Answer extractors tried in order: last `\\boxed{}`, GSM8K `#### N`, "the answer is X", last number."""
+    timeout_seconds: float = Field(5.0, gt=0.0, le=600.0)
+    """Per-item limit on parsing and comparison; a runaway item is stopped and scored `timeout` (reward 0)."""
+    format_reward: float = Field(0.0, ge=0.0, le=1.0)
+    """Bonus for a well-formed `\\boxed{}` answer (METHOD.md step 6: off by default)."""
+    float_rounding: int = Field(6, ge=0, le=15)
+    """Decimal places math-verify rounds floats to before comparing."""
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+class VllmConfig(_Section):
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    """Engine dtype (bf16 was fastest on this CPU, stack.md §5)."""
+    enforce_eager: bool = True
+    """Skip graph capture/compilation: it costs 80–105 s at start on CPU and gains little (stack.md §5)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    """GPU only: share of device memory vLLM may take (it shares the GPU with the trainer)."""
+    cpu_kv_cache_gib: int = Field(2, ge=1)
+    """CPU only: KV-cache size (env VLLM_CPU_KVCACHE_SPACE)."""
+    max_model_len: int = Field(2048, ge=64)
+    """Longest prompt+completion the engine accepts."""
+
+
+class RolloutConfig(_Section):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto` uses vLLM when importable and usable, else transformers `generate`."""
+    num_generations: int = Field(8, ge=2)
+    """G: rollouts per problem (METHOD.md step 1)."""
+    batch_problems: int = Field(8, ge=1)
+    """B: problems per training step."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling; 0 disables (TRL's default)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Most tokens generated per completion."""
+    max_prompt_tokens: int = Field(1024, ge=16)
+    """Longest prompt; longer ones follow `overlong_prompt`."""
+    overlong_prompt: Literal["refuse", "truncate_context"] = "truncate_context"
+    """`truncate_context` left-truncates the feedback context (never the problem); `refuse` drops the request.
+    Either way it is counted and logged."""
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    """vLLM engine settings."""
+
+
+# ------------------------------------------------------------------------------------------------ lanpo
+class RolloutMix(_Section):
+    plain: float = Field(0.5, ge=0.0)
+    """Share of the G rollouts generated from the plain prompt."""
+    reflection: float = Field(0.25, ge=0.0)
+    """Share generated with reward-agnostic reflection on earlier attempts at the same problem."""
+    abstraction: float = Field(0.25, ge=0.0)
+    """Share generated with lessons abstracted from relevant other problems."""
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "RolloutMix":
+        total = self.plain + self.reflection + self.abstraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"plain + reflection + abstraction must sum to 1, got {total:g}")
+        return self
+
+    def counts(self, group_size: int) -> dict[str, int]:
+        """Split G rollouts by the mix (largest remainder), so the kinds sum exactly to G."""
+        shares = {"plain": self.plain, "reflection": self.reflection, "abstraction": self.abstraction}
+        raw = {k: v * group_size for k, v in shares.items()}
+        counts = {k: int(v) for k, v in raw.items()}
+        left = group_size - sum(counts.values())
+        for k in sorted(raw, key=lambda k: (raw[k] - counts[k], k == "plain"), reverse=True)[:left]:
+            counts[k] += 1
+        return counts
+
+
+class ReflectionConfig(_Section):
+    max_attempts: int = Field(1, ge=1, le=8)
+    """Earlier attempts at the same problem shown in the reflection prompt (METHOD.md step 3)."""
+    selection: Literal["most_recent", "random"] = "most_recent"
+    """How attempts are chosen; never by reward (that would leak it)."""
+    max_attempt_chars: int = Field(2000, ge=100)
+    """Each shown attempt is cut to this many characters (head kept)."""
+
+
+class AbstractionConfig(_Section):
+    top_k: int = Field(4, ge=1, le=64)
+    """Experiences retrieved from other problems (METHOD.md step 4)."""
+    min_similarity: float | None = Field(0.6, ge=-1.0, le=1.0)
+    """Cosine threshold for relevance; None disables it (the paper's ablation). 0.6 is calibrated for
+    all-MiniLM-L6-v2, whose scores run lower than the paper's embedder (docs/defaults.md)."""
+    duplicate_similarity: float = Field(0.97, ge=0.0, le=1.0)
+    """Experiences at or above this similarity (or with identical normalised text) count as the same problem."""
+    successful_only: bool = True
+    """Show only experiences with reward > 0 (rewards of *other* problems may steer selection)."""
+    max_lessons: int = Field(3, ge=1, le=10)
+    """Most lessons the abstractor may write."""
+    abstractor: str = "policy"
+    """`policy` (the current policy) or a model spec for a separate fixed abstractor."""
+    max_new_tokens: int = Field(192, ge=16)
+    """Token budget of the abstractor's answer."""
+
+
+class OffPolicyConfig(_Section):
+    correction: Literal["truncated_is", "none"] = "truncated_is"
+    """Importance weight for context-sampled responses trained under the plain prompt (METHOD.md step 8)."""
+    max_ratio: float = Field(2.0, ge=1.0)
+    """Truncation of the per-sequence importance ratio."""
+    negative_advantage: Literal["drop", "keep"] = "drop"
+    """`drop` zeroes the weight of context-sampled responses with negative advantage."""
+
+
+class LanpoConfig(_Section):
+    rollout_mix: RolloutMix = Field(default_factory=RolloutMix)
+    """How the G rollouts of a group split by kind; `{plain: 1}` is plain GRPO."""
+    reflection: ReflectionConfig = Field(default_factory=ReflectionConfig)
+    """Reward-agnostic reflection (same problem)."""
+    abstraction: AbstractionConfig = Field(default_factory=AbstractionConfig)
+    """Relevant abstraction (other problems)."""
+    train_prompt: Literal["plain", "context"] = "plain"
+    """Prompt that context-sampled responses are trained under (`context` is the ablation)."""
+    offpolicy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
+    """Off-policy correction for `train_prompt: plain`."""
+    leakage_guard: bool = True
+    """Audit every context for the gold answer and reward markers before use (METHOD.md step 5)."""
+
+    @property
+    def is_plain_grpo(self) -> bool:
+        return self.rollout_mix.plain >= 1.0
+
+
+class PoolConfig(_Section):
+    uri: str | None = None
+    """LanceDB URI; None means `<run dir>/pool` (embedded). Any LanceDB URI works (e.g. object storage)."""
+    embedding_model: str = BUNDLED_EMBEDDER
+    """sentence-transformers model: the bundled `all-minilm-l6-v2`, a local folder or a hub name."""
+    max_response_chars: int = Field(8000, ge=100)
+    """Longer responses are truncated to this (head kept) before storage, and counted."""
+
+
+# ------------------------------------------------------------------------------------------------- grpo
+class GrpoConfig(_Section):
+    steps: int = Field(10, ge=0)
+    """Training steps (one step = B problems x G rollouts, then one update)."""
+    learning_rate: float = Field(1e-6, gt=0.0, le=1.0)
+    """AdamW learning rate (TRL GRPOConfig default 1e-6)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule over `steps`."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient clipping."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """TRL loss aggregation (TRL 1.16 default `dapo`)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage = (r - group mean) / std; `none` gives Dr. GRPO (METHOD.md step 8)."""
+    epsilon: float = Field(0.2, gt=0.0)
+    """Lower clip range of the PPO ratio (TRL default)."""
+    epsilon_high: float | None = None
+    """Upper clip range; None uses `epsilon` (TRL default)."""
+    beta: float = Field(0.0, ge=0.0)
+    """KL coefficient; 0 loads no reference model (TRL default)."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimisation passes over each step's rollouts (TRL's mu)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward; gradients accumulate over the step's B x G sequences."""
+    bf16: bool = True
+    """bf16 autocast (CPU or GPU); master weights stay in `model.dtype`."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (TRL default is on; off is faster for small models)."""
+    checkpoint_keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    logprob_temperature: float = Field(1.0, gt=0.0)
+    """Temperature the trainer scores tokens at (TRL `temperature`); rollout `sampling_logprobs` must match (1.0 = raw)."""
+
+
+# ------------------------------------------------------------------------------------------------- eval
+class EvalConfig(_Section):
+    every: int = Field(5, ge=0)
+    """Evaluate every N steps (and always at the end); 0 only at the end."""
+    samples: int = Field(4, ge=1)
+    """k for mean@k at `temperature`."""
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature for mean@k."""
+    greedy: bool = True
+    """Also report greedy pass@1."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Token budget for evaluation answers."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate at most N problems per benchmark."""
+    feedback_augmented: bool = False
+    """Also report accuracy with lessons from the training pool (never from the test problem)."""
+
+
+# --------------------------------------------------------------------------------------- tracking, paths
+class TrackingConfig(_Section):
+    mlflow_tracking_uri: str | None = None
+    """None: env MLFLOW_TRACKING_URI, else a sqlite file under `mlruns/`."""
+    experiment: str = "lanpo"
+    """MLflow experiment name."""
+    log_rollout_samples: int = Field(16, ge=0)
+    """Rollouts (with contexts) saved as an artifact per step."""
+
+
+class PathsConfig(_Section):
+    runs_dir: str = "runs"
+    """Run folders (checkpoints, pool, results) go under here."""
+    cache_dir: str | None = None
+    """Prepared bundled models; None: env LANPO_CACHE_DIR, else ~/.cache/lanpo."""
+
+
+class RunConfig(_Section):
+    """A whole run. Sections mirror the pipeline stages."""
+
+    name: str = "lanpo"
+    """Run name (MLflow run name, run folder prefix)."""
+    seed: int = 0
+    """Global seed (sampling, data order, init of new parameters)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Policy model."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    """Solve prompt."""
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    """Answer extraction and verification."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Rollout generation."""
+    lanpo: LanpoConfig = Field(default_factory=LanpoConfig)
+    """LANPO feedback; `rollout_mix: {plain: 1}` turns it into plain GRPO."""
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    """Experience pool."""
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    """Policy update."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    """Where things are written."""
+
+    source: str | None = Field(None, exclude=True)
+    """File the config was read from (set by `load_config`, not by users)."""
+
+    def digest(self) -> str:
+        """Stable hash of every setting (cache keys, run ids)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted `key: value` view (MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message names the key, the file and what was expected."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value); the value is read as a YAML scalar/flow value (`1e-6`, `true`, `[a, b]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. grpo.learning_rate=1e-6")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': the key must be dotted names, e.g. grpo.learning_rate")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e.problem})") from None
+    # YAML reads 1e-6 as a string (it wants 1.0e-6); numbers are what users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    node: Any = tree
+    parts = key.split(".")
+    model: type[BaseModel] | None = RunConfig
+    for i, part in enumerate(parts):
+        if model is not None and part not in model.model_fields:
+            known = ", ".join(sorted(k for k in model.model_fields if k != "source"))
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{origin}: unknown key '{key}' ('{part}' is not in {where}; known: {known})")
+        annotation = model.model_fields[part].annotation if model is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def _type_name(loc_key: str, err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    names = {
+        "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+        "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+        "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+        "model_type": "a mapping", "literal_error": "one of " + str(err.get("ctx", {}).get("expected", "")),
+        "extra_forbidden": "no such key",
+    }
+    return names.get(kind, err.get("msg", kind))
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f", got {got!r}"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"].startswith(("greater", "less")) or e["type"] in ("value_error", "too_short", "too_long"):
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+        else:
+            lines.append(f"  {key}: expected {_type_name(key, e)}{got_s}")
+    return f"invalid config ({origin}):\n" + "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>") -> RunConfig:
+    """Validate a config tree plus `KEY=VALUE` overrides into a RunConfig (raises ConfigError)."""
+    tree = json.loads(json.dumps(tree))  # deep copy, and fail early on non-plain values
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        where = origin + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(_format_validation(e, where)) from None
+    cfg.source = None if origin == "<dict>" else origin
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (None: all defaults) and apply dotted overrides."""
+    if path is None:
+        return build_config({}, overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}:{at} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(tree).__name__}")
+    cfg = build_config(tree, overrides, origin=str(p))
+    cfg.source = str(p.resolve())
+    return cfg

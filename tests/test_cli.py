@@ -1,0 +1,83 @@
+"""The `lanpo` command line, run as users run it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lanpo(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_data_inspect_tiny_config():
+    result = lanpo("data", "inspect", "configs/tiny-cpu.yaml", "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    assert "train arithmetic-train: 113 problems" in result.stdout
+    assert "eval  arithmetic-heldout: 42 problems" in result.stdout
+    assert result.stdout.count("gold answers parsable: 100.0%") == 2
+    assert result.stdout.count("What is") == 4
+
+
+def test_data_inspect_reports_skipped_rows(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q1", "answer": "#### 1"}\n{"question": "q2", "answer": "none"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  train: {{format: gsm8k, path: d.jsonl}}\n  eval: []\n")  # path relative to config
+    result = lanpo("data", "inspect", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert "1 problems" in result.stdout and "1 without gold" in result.stdout
+    assert "skipped 1 row(s) with no gold answer (lines 2)" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "show", "--set", "grpo.lr=1"], "unknown key 'grpo.lr'"),
+    (["config", "show", "configs/nope.yaml"], "config file not found"),
+    (["data", "inspect", "--set", "data.train.format=gsm8k", "--set", "data.train.path=/nope.jsonl"],
+     "data file not found: /nope.jsonl"),
+    (["prepare", "--set", "model.name_or_path=./no/such/model"], "neither a bundled name"),
+])
+def test_user_errors_are_one_clear_line(args, message):
+    result = lanpo(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_config_show_applies_overrides():
+    result = lanpo("config", "show", "configs/grpo-tiny-cpu.yaml", "--set", "grpo.learning_rate=3e-6")
+    assert result.returncode == 0, result.stderr
+    assert "learning_rate: 3.0e-06" in result.stdout and "plain: 1.0" in result.stdout
+
+
+def test_verify_scores_a_jsonl(tmp_path):
+    rows = [{"response": "so \\boxed{7}", "answer": "7"}, {"response": "it is 8", "answer": "7"},
+            {"response": "no idea", "answer": "7"}, {"response": "The answer is 1/2.", "answer": "0.5"}]
+    src, out = tmp_path / "r.jsonl", tmp_path / "scored.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    result = lanpo("verify", str(src), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"]["status"] for r in scored] == ["correct", "wrong", "no_answer", "correct"]
+    assert "accuracy=0.5" in result.stdout
+    src.write_text('{"text": "x", "answer": "1"}\n')
+    bad = lanpo("verify", str(src))
+    assert bad.returncode == 2 and "r.jsonl:1: no field 'response'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_prepare_main_job():
+    result = lanpo("prepare")
+    assert result.returncode == 0, result.stderr
+    assert "policy:   smollm2-135m-instruct" in result.stdout and "llama, 30 layers, hidden 576" in result.stdout
+    assert "embedder: all-minilm-l6-v2 (dim 384" in result.stdout
+    assert result.stdout.rstrip().endswith("ready.")

@@ -1,5 +1,8 @@
 """The `lanpo` command line.
 
+    lanpo train --config configs/tiny-cpu.yaml        # the training flow, in this process (ephemeral Prefect)
+    lanpo evaluate --model runs/<run>/checkpoints/step-000010
+    lanpo pool show runs/<run>                        # lessons and contexts of a run
     lanpo prepare --config configs/tiny-cpu.yaml      # models and data ready, with a summary
     lanpo data inspect configs/tiny-cpu.yaml          # counts, samples, gold-answer parse rate
     lanpo verify responses.jsonl --out scored.jsonl   # score model outputs against gold answers
@@ -28,8 +31,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LANPO: GRPO with language feedback from an experience pool.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect problem sets.")
 config_app = typer.Typer(no_args_is_help=True, help="Show resolved run configurations.")
+services_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, deployments and MLflow UI.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(services_app, name="services")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (default: configs/tiny-cpu.yaml).")
@@ -105,6 +110,92 @@ def _print_datasets(cfg: RunConfig, samples: int) -> None:
             question = " ".join(problem.question.split())
             typer.echo(f"      [{problem.id}] {question[:100]}{'...' if len(question) > 100 else ''}"
                        f"  -> {problem.answer}")
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    import logging
+    import os
+
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        for name in ("prefect", "httpx", "mlflow", "transformers", "vllm"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@app.command()
+def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+          run_name: Optional[str] = typer.Option(None, help="Run name (default: the config's name)."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's task logs.")) -> None:
+    """Run the LANPO training flow (plain GRPO with configs/grpo-tiny-cpu.yaml) to the end, with progress."""
+    _quiet_prefect(verbose)
+    with user_errors():
+        cfg = _config(config, set_)  # fail on a bad config before Prefect starts
+        from tqdm import tqdm
+
+        from flows import train as train_flow
+
+        with tqdm(total=train_flow.total_stages(cfg), desc=cfg.name, unit="stage") as bar:
+            train_flow.progress = bar
+            try:
+                summary = train_flow.lanpo_train(str(config or DEFAULT_CONFIG), list(set_ or []), run_name)
+            finally:
+                train_flow.progress = None
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    typer.secho("done.", fg=typer.colors.GREEN)
+    for key, value in summary.items():
+        typer.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    typer.echo(f"  MLflow UI: mlflow ui --backend-store-uri {summary.get('mlflow_tracking_uri')}")
+
+
+@app.command()
+def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             model: Optional[str] = typer.Option(None, help="Checkpoint/model folder, bundled or hub name."),
+             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Zero-shot accuracy of a model on the config's held-out benchmarks (its own MLflow run)."""
+    _quiet_prefect(verbose)
+    with user_errors():
+        _config(config, set_)
+        from flows.evaluate import lanpo_evaluate
+
+        summary = lanpo_evaluate(str(config or DEFAULT_CONFIG), model, list(set_ or []))
+    _print_summary(summary)
+
+
+@app.command()
+def serve() -> None:
+    """Register the deployments (lanpo, grpo, evaluate) with the Prefect server at PREFECT_API_URL and serve them."""
+    from flows.serve import serve_deployments
+
+    serve_deployments()
+
+
+@services_app.command("up")
+def services_up(prefect_port: int = typer.Option(4200, help="Prefect server port (127.0.0.1)."),
+                mlflow_port: int = typer.Option(5000, help="MLflow UI port (127.0.0.1).")) -> None:
+    """Start a Prefect server, the deployment server and the MLflow UI on 127.0.0.1 (stop with `services down`)."""
+    from flows.serve import services_up as up
+
+    try:
+        urls = up(prefect_port, mlflow_port)
+    except RuntimeError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    for name, url in urls.items():
+        typer.echo(f"{name}: {url}")
+    typer.echo(f"trigger a run from the UI, or: PREFECT_API_URL={urls['prefect_api']} "
+               "prefect deployment run lanpo-train/lanpo")
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop what `lanpo services up` started."""
+    from flows.serve import services_down as down
+
+    stopped = down()
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
 @data_app.command("inspect")

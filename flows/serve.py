@@ -1,0 +1,133 @@
+"""Deployments of the lanpo flows, and the local services users run them with.
+
+`lanpo serve` registers three deployments with the Prefect server at PREFECT_API_URL and serves them from this
+process (runs triggered in the Prefect UI execute here):
+
+- `lanpo-train/lanpo`: LANPO training, default config `configs/tiny-cpu.yaml`;
+- `lanpo-train/grpo`: the plain-GRPO baseline, default config `configs/grpo-tiny-cpu.yaml`;
+- `lanpo-evaluate/evaluate`: zero-shot evaluation of any checkpoint or model.
+
+Their parameters (config, overrides, run name, model) come from the flows' signatures and docstrings, so the UI
+renders them as a form.
+
+`lanpo services up` starts, on 127.0.0.1, a Prefect server, a `lanpo serve` process and the MLflow UI over the
+default tracking store; `lanpo services down` stops all three. Process ids and logs live in `.lanpo-services/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICES_DIR = REPO / ".lanpo-services"
+
+
+def deployments():
+    from .evaluate import lanpo_evaluate
+    from .train import lanpo_train
+
+    return [
+        lanpo_train.to_deployment(name="lanpo", parameters={"config": "configs/tiny-cpu.yaml"},
+                                  description="LANPO training (tiny CPU defaults; pick any config)."),
+        lanpo_train.to_deployment(name="grpo", parameters={"config": "configs/grpo-tiny-cpu.yaml"},
+                                  description="Plain GRPO baseline (same pipeline, plain-only rollout mix)."),
+        lanpo_evaluate.to_deployment(name="evaluate", parameters={"config": "configs/tiny-cpu.yaml"},
+                                     description="Zero-shot evaluation of a checkpoint, folder or hub model."),
+    ]
+
+
+def serve_deployments() -> None:
+    from prefect import serve
+
+    os.chdir(REPO)  # relative config paths and the default runs/ and mlruns/ folders resolve in the repository
+    serve(*deployments(), print_starting_message=True)
+
+
+def wait_http(url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def _start(name: str, args: list[str], env: dict[str, str]) -> int:
+    SERVICES_DIR.mkdir(exist_ok=True)
+    log = open(SERVICES_DIR / f"{name}.log", "ab")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)  # own process group: `down` stops its children too
+    return proc.pid
+
+
+def services_up(prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = 120.0) -> dict[str, str]:
+    """Start the Prefect server, the deployment server and the MLflow UI on 127.0.0.1; return their URLs."""
+    state_file = SERVICES_DIR / "services.json"
+    if state_file.exists():
+        raise RuntimeError(f"services already recorded in {state_file}; run `lanpo services down` first")
+    env = {**os.environ, "PREFECT_HOME": str(SERVICES_DIR / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    bin_dir = Path(sys.executable).parent
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    pids = {"prefect-server": _start("prefect-server", [str(bin_dir / "prefect"), "server", "start", "--host",
+                                                        "127.0.0.1", "--port", str(prefect_port)], env)}
+    state_file.parent.mkdir(exist_ok=True)
+    state_file.write_text(json.dumps(pids))
+    if not wait_http(f"{api}/health", timeout):
+        services_down()
+        raise RuntimeError(f"the Prefect server did not answer on {api} within {timeout:.0f}s; "
+                           f"see {SERVICES_DIR / 'prefect-server.log'}")
+    env["PREFECT_API_URL"] = api
+    pids["lanpo-serve"] = _start("lanpo-serve", [sys.executable, "-m", "flows.serve"], env)
+    store = REPO / "mlruns"
+    store.mkdir(exist_ok=True)
+    pids["mlflow-ui"] = _start("mlflow-ui", [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+                                             f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
+                                             str(mlflow_port), "--workers", "1"], env)
+    state_file.write_text(json.dumps(pids))
+    if not wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout):
+        services_down()
+        raise RuntimeError(f"the MLflow UI did not start within {timeout:.0f}s; see {SERVICES_DIR / 'mlflow-ui.log'}")
+    return {"prefect_ui": f"http://127.0.0.1:{prefect_port}", "prefect_api": api,
+            "mlflow_ui": f"http://127.0.0.1:{mlflow_port}"}
+
+
+def services_down() -> list[str]:
+    """Stop everything `services_up` started (whole process groups); returns what was stopped."""
+    state_file = SERVICES_DIR / "services.json"
+    if not state_file.exists():
+        return []
+    stopped = []
+    for name, pid in json.loads(state_file.read_text()).items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(50):
+            try:
+                os.killpg(pid, 0)
+                time.sleep(0.1)
+            except ProcessLookupError:
+                break
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped.append(name)
+    state_file.unlink()
+    return stopped
+
+
+if __name__ == "__main__":
+    serve_deployments()

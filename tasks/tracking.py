@@ -1,0 +1,120 @@
+"""MLflow tracking for lanpo runs: one parent run per flow run, MLflow-safe metric names, offline default store.
+
+Default store: a SQLite file under `mlruns/` (in the current directory), with artifacts beside it in
+`mlruns/artifacts`, so tracking works with no server; `tracking.mlflow_tracking_uri` or the env variable
+MLFLOW_TRACKING_URI point it anywhere else (an `mlflow server`, Databricks, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from lanpo_core.config import RunConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def safe_name(name: str) -> str:
+    """MLflow keys allow letters, digits, `_ - . / ` and spaces; everything else becomes `_`."""
+    return _UNSAFE.sub("_", name)[:250]
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    if cfg.tracking.mlflow_tracking_uri:
+        return cfg.tracking.mlflow_tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path("mlruns").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """For the local SQLite store, keep artifacts next to the database (MLflow's default is ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def experiment_id(cfg: RunConfig) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    found = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if found is not None:
+        return found.experiment_id
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(tracking_uri(cfg)))
+
+
+def find_run(cfg: RunConfig, run_key: str) -> str | None:
+    """The MLflow run id of an earlier attempt of the same lanpo run (resumed flows log into the same run)."""
+    import mlflow
+
+    runs = mlflow.search_runs([experiment_id(cfg)], filter_string=f"tags.lanpo_run_key = '{run_key}'",
+                              output_format="list", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Start (or resume) the parent MLflow run of a lanpo run; yields its id."""
+    import mlflow
+
+    exp = experiment_id(cfg)
+    existing = find_run(cfg, run_key)
+    with mlflow.start_run(run_id=existing, experiment_id=None if existing else exp,
+                          run_name=None if existing else run_name) as run:
+        if existing is None:
+            params = {safe_name(k): ("" if v is None else str(v))[:6000] for k, v in cfg.flat().items()}
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
+                mlflow.log_params(dict(items[i:i + 100]))
+        all_tags = {"lanpo_run_key": run_key, "config_digest": cfg.digest(), "config_source": cfg.source or ""}
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        all_tags.update(tags or {})
+        mlflow.set_tags(all_tags)
+        yield run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Log finite numeric metrics with MLflow-safe names (NaN/inf and non-numbers are skipped)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(safe_name(k), float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def log_json(run_id: str, obj: Any, artifact_file: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_dict(run_id, obj, artifact_file)
+
+
+def log_file(run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifact(run_id, str(path), artifact_dir)

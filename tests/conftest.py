@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("LANPO_SHARED_DATA", str(REPO.parent / "shared" / "data"))
+# Prefect: a fresh home (database, results) per test session, never the user's ~/.prefect; no server is assumed
+# (flows start Prefect's ephemeral API) and none may be left running.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lanpo-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,548 @@
+"""Language feedback: prompt templates, reflection and abstraction contexts, lessons, and the leakage guard.
+
+METHOD.md steps 2-5. Every prompt the pipeline sends is built here, as chat `messages` (a list of
+`{"role", "content"}`; the system message only when `PromptConfig.system_prompt` is set). The rollout engine
+applies the model's chat template (`render_chat` does the same for a tokenizer).
+
+Templates (module constants below, all in one place):
+  * solve: the problem, then `PromptConfig.solve_instruction`;
+  * reflection: the problem, the earlier attempt(s) with their final answers hidden, a request to check them
+    critically and point out possible errors, then a fresh complete solution ending in `\\boxed{}`;
+  * abstraction (sent to the abstractor): retrieved experiences of other problems, asking for at most N short,
+    general lessons, one per line, without numbers or answers;
+  * abstraction-solve: the problem, the lessons, the solve instruction.
+
+**The reflection / guard rule.** A correct earlier attempt contains the gold answer, so a guard that simply drops
+contexts containing the gold would let only wrong attempts through, and the mere presence of a reflection context
+would then tell the policy "the earlier attempt was wrong": a reward leak through selection. So, before the guard,
+*every* shown attempt, whatever its reward, is transformed by a rule that looks only at the attempt's own text:
+
+  1. its own final answers are hidden: the content of every `\\boxed{}`, every `#### X`, and every number whose
+     value equals (or expression that equals) one of the attempt's own answer candidates (what each of the
+     verifier's extractors finds in it, plus the stored extracted answer) becomes `[hidden]`;
+  2. correctness and reward words the model may have written itself (correct, wrong, reward, ✓ ...) become
+     `[redacted]`;
+  3. it is cut to `reflection.max_attempt_chars` (head kept).
+
+Then the guard audits what remains. For a correct attempt, its own answer *is* the gold, so step 1 removes every
+occurrence of the gold; a wrong attempt still shows the gold only if it wrote the gold somewhere other than as its
+final answer. Gold occurrences are not held against a context when the gold already appears in the problem
+statement (the prompt shows the problem anyway, and step 1 removes the hint of which problem number is the answer);
+without this exemption a wrong attempt at "What is 0 + 7?" that restates the problem would always be dropped while
+the correct one never is. The guard's drop count therefore measures the residual leak; tests/test_feedback.py
+checks that on arithmetic the drop rate is the same for correct and wrong attempts, and that permuting the stored
+rewards never changes a context (the pool's attempt query does not even read rewards).
+
+**Leakage guard** (METHOD.md step 5): a context (the prompt minus the problem statement and the solve instruction,
+which the plain prompt shows too) fails when it contains the problem's gold answer as a standalone number or
+expression (`verify.answer_in_text`, the verifier's normaliser: `7` matches `7.0` and `\\frac{14}{2}`), or any
+reward/correctness marker (`MARKER_RE`). A failing context is dropped (the rollout becomes plain) and counted.
+
+**Lessons** are parsed from the abstractor's text: bullet or numbered lines (else sentences), at most N; a lesson
+with a digit, a marker word, `\\boxed`, fewer than 10 or more than 300 characters is stripped (counted). They are
+cached in the pool keyed by the source experience ids and reused when the same sources come back; a set that
+yielded no usable lesson is not cached (asked again next time).
+
+The abstractor is any `Abstractor`: a callable taking a batch of chat messages and returning one text per
+conversation. The flow plugs in the rollout engine (the current policy, or a fixed model); tests use a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from .config import LanpoConfig, PromptConfig
+from .verify import EXTRACTORS, answer_in_text, extract_answer, numeric_value
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+Abstractor = Callable[[list[Messages]], list[str]]
+"""A batch of chat conversations in, one generated text per conversation out."""
+
+HIDDEN = "[hidden]"
+"""Placeholder for an attempt's own final answer."""
+SCRUBBED = "[redacted]"
+"""Placeholder for a correctness/reward word the model wrote in its own attempt."""
+
+# ------------------------------------------------------------------------------------------- templates
+SOLVE_TEMPLATE = "{problem}\n\n{instruction}"
+
+REFLECTION_TEMPLATE = (
+    "{problem}\n\n"
+    "{intro}\n\n"
+    "{attempts}\n\n"
+    "Check {target} critically: go through it step by step and point out possible errors, gaps or unjustified "
+    "steps. Then write a fresh, complete solution of your own.\n"
+    "{instruction}"
+)
+REFLECTION_INTRO_ONE = "Below is an earlier attempt at this problem. Its final answer is hidden as " + HIDDEN + "."
+REFLECTION_INTRO_MANY = ("Below are {n} earlier attempts at this problem. Their final answers are hidden as "
+                         + HIDDEN + ".")
+ATTEMPT_TEMPLATE = "### Earlier attempt {n}\n{text}\n### End of earlier attempt {n}"
+
+ABSTRACTION_TEMPLATE = (
+    "Here are worked solutions to some problems.\n\n"
+    "{experiences}\n\n"
+    "Write at most {n} short, general lessons that would help with similar problems. Write each lesson as one "
+    "sentence on its own line, starting with \"- \". Describe methods and checks only: do not quote any numbers, "
+    "quantities or final answers from the problems above."
+)
+EXPERIENCE_TEMPLATE = "### Problem {n}\n{problem}\n### Solution {n}\n{response}"
+
+ABSTRACTION_SOLVE_TEMPLATE = (
+    "{problem}\n\n"
+    "Some general lessons from related problems:\n"
+    "{lessons}\n\n"
+    "{instruction}"
+)
+
+# ------------------------------------------------------------------------------------ markers, numbers
+_MARKER_WORDS = (
+    r"(?:in)?correct(?:ly|ness)?|wrong(?:ly)?|rewards?|rewarded|verifier|verified|ground[\s-]*truth|"
+    r"gold(?:en)?\s+answers?|right\s+answers?|true\s+answers?"
+)
+_MARKER_SYMBOLS = "\u2713\u2714\u2717\u2718\u274c\u2705\u2611\u2612\u2715\u2716"
+MARKER_RE = re.compile(
+    rf"\b(?:{_MARKER_WORDS})\b|\b(?:score|accuracy|reward|correct)\s*[:=]|[{_MARKER_SYMBOLS}]", re.IGNORECASE
+)
+"""Reward and correctness markers: words about being right or wrong, reward/score/verifier talk, check marks."""
+
+# Same tokens as `verify.answer_in_text` sees: LaTeX fractions, thousands-separated and plain numbers, a/b.
+_NUMBER_TOKEN = re.compile(
+    r"\\[dt]?frac\{-?\d+\}\{\d+\}|(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|"
+    r"(?<![\w.])-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?(?![\d])"
+)
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\\displaystyle")
+
+
+def _messages(user: str, prompts: PromptConfig) -> Messages:
+    out: Messages = []
+    if prompts.system_prompt:
+        out.append({"role": "system", "content": prompts.system_prompt})
+    out.append({"role": "user", "content": user})
+    return out
+
+
+def render_chat(messages: Messages, tokenizer: Any, add_generation_prompt: bool = True) -> str:
+    """The prompt string a model sees: `messages` through the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# ------------------------------------------------------------------------------------------- builders
+def solve_messages(problem_text: str, prompts: PromptConfig | None = None) -> Messages:
+    """The plain solve prompt (METHOD.md step 2)."""
+    prompts = prompts or PromptConfig()
+    return _messages(SOLVE_TEMPLATE.format(problem=problem_text, instruction=prompts.solve_instruction), prompts)
+
+
+def _reflection_user(problem: str, attempts: Sequence[str], instruction: str) -> str:
+    intro = REFLECTION_INTRO_ONE if len(attempts) == 1 else REFLECTION_INTRO_MANY.format(n=len(attempts))
+    blocks = "\n\n".join(ATTEMPT_TEMPLATE.format(n=i + 1, text=a) for i, a in enumerate(attempts))
+    target = "the attempt" if len(attempts) == 1 else "the attempts"
+    return REFLECTION_TEMPLATE.format(problem=problem, intro=intro, attempts=blocks, target=target,
+                                      instruction=instruction)
+
+
+def reflection_messages(problem_text: str, attempts: Sequence[str],
+                        prompts: PromptConfig | None = None) -> tuple[Messages, str]:
+    """(messages, audited context text) for already prepared (redacted) attempts."""
+    if not attempts:
+        raise ValueError("a reflection prompt needs at least one attempt")
+    prompts = prompts or PromptConfig()
+    user = _reflection_user(problem_text, attempts, prompts.solve_instruction)
+    return _messages(user, prompts), _reflection_user("", attempts, "")
+
+
+def abstraction_request_messages(experiences: Sequence[tuple[str, str]], max_lessons: int,
+                                 prompts: PromptConfig | None = None, max_chars: int = 1500) -> Messages:
+    """The abstractor's prompt: (problem text, response) pairs of other problems in, at most N lessons out."""
+    prompts = prompts or PromptConfig()
+    blocks = "\n\n".join(EXPERIENCE_TEMPLATE.format(n=i + 1, problem=p.strip(), response=r.strip()[:max_chars])
+                         for i, (p, r) in enumerate(experiences))
+    return _messages(ABSTRACTION_TEMPLATE.format(experiences=blocks, n=max_lessons), prompts)
+
+
+def _lessons_block(lessons: Sequence[str]) -> str:
+    return "\n".join(f"- {lesson}" for lesson in lessons)
+
+
+def abstraction_solve_messages(problem_text: str, lessons: Sequence[str],
+                               prompts: PromptConfig | None = None) -> tuple[Messages, str]:
+    """(messages, audited context text): the problem plus lessons."""
+    if not lessons:
+        raise ValueError("an abstraction prompt needs at least one lesson")
+    prompts = prompts or PromptConfig()
+    user = ABSTRACTION_SOLVE_TEMPLATE.format(problem=problem_text, lessons=_lessons_block(lessons),
+                                             instruction=prompts.solve_instruction)
+    context = ABSTRACTION_SOLVE_TEMPLATE.format(problem="", lessons=_lessons_block(lessons), instruction="")
+    return _messages(user, prompts), context
+
+
+# ------------------------------------------------------------------------------------------ redaction
+def _boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the content of every `\\boxed{...}`/`\\fbox{...}` (balanced braces) or `\\boxed X`."""
+    spans = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
+        if match.group(1) is None:
+            rest = re.match(r"\s*([^\s$]+)", text[match.end():])
+            if rest:
+                spans.append((match.end() + rest.start(1), match.end() + rest.end(1)))
+            continue
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    spans.append((start, i))
+                    break
+    return spans
+
+
+def answer_candidates(text: str, stored_answer: str | None = None,
+                      extraction: Sequence[str] = EXTRACTORS) -> list[str]:
+    """Everything that could count as the attempt's own final answer (no gold, no reward involved)."""
+    found: list[str] = []
+    for name in extraction:
+        answer, _ = extract_answer(text, [name])
+        if answer:
+            found.append(answer)
+    found.extend(text[a:b].strip() for a, b in _boxed_spans(text))
+    found.extend(m.strip() for m in re.findall(r"####\s*(.+)", text))
+    if stored_answer:
+        found.append(stored_answer)
+    out: list[str] = []
+    for c in found:
+        c = c.strip().strip("$").strip().rstrip(".").strip()
+        if c and c != HIDDEN and c not in out:
+            out.append(c)
+    return out
+
+
+def _hide_value(text: str, candidate: str) -> tuple[str, int]:
+    value = numeric_value(candidate)
+    if value is not None:
+        count = 0
+
+        def repl(m: re.Match) -> str:
+            nonlocal count
+            found = numeric_value(m.group(0).replace(" ", ""))
+            if found is not None and found == value:
+                count += 1
+                return HIDDEN
+            return m.group(0)
+
+        return _NUMBER_TOKEN.sub(repl, text), count
+    needle = re.sub(r"\s+", "", _LATEX_NOISE.sub("", candidate))
+    if not re.search(r"[A-Za-z0-9]", needle):  # "+", "=": nothing answer-like to hide
+        return text, 0
+    pattern = r"(?<![A-Za-z0-9])" + r"\s*".join(re.escape(c) for c in needle) + r"(?![A-Za-z0-9])"
+    return re.subn(pattern, HIDDEN, text)
+
+
+def redact_attempt(text: str, stored_answer: str | None = None,
+                   extraction: Sequence[str] = EXTRACTORS) -> tuple[str, int]:
+    """Hide the attempt's own final answer(s) everywhere in it; returns (text, replacements). Reward-agnostic:
+    the rule looks at the attempt's text only."""
+    candidates = answer_candidates(text, stored_answer, extraction)
+    count = 0
+    spans = _boxed_spans(text)
+    for a, b in reversed(spans):
+        text = text[:a] + HIDDEN + text[b:]
+        count += 1
+    text, n = re.subn(r"(####\s*)(.+)", lambda m: m.group(1) + HIDDEN, text)
+    count += n
+    for cand in candidates:
+        text, n = _hide_value(text, cand)
+        count += n
+    return text, count
+
+
+def scrub_markers(text: str) -> tuple[str, int]:
+    """Replace correctness/reward words and check marks (`MARKER_RE`) with a neutral placeholder."""
+    return MARKER_RE.subn(SCRUBBED, text)
+
+
+def prepare_attempt(response: str, stored_answer: str | None = None, *, max_chars: int = 2000,
+                    redact: bool = True, extraction: Sequence[str] = EXTRACTORS) -> tuple[str, int]:
+    """The reflection rule for one attempt: redact own answers, scrub markers, cut to `max_chars` (head kept)."""
+    text = response.strip()
+    changes = 0
+    if redact:
+        text, n = redact_attempt(text, stored_answer, extraction)
+        changes += n
+        text, n = scrub_markers(text)
+        changes += n
+    if len(text) > max_chars:
+        text = text[:max_chars].rstrip() + " ..."
+    return text, changes
+
+
+# -------------------------------------------------------------------------------------------- lessons
+_BULLET = re.compile(r"^\s*(?:[-*\u2022\u00b7]|\(?\d{1,2}[.)]|lesson\s*\d*\s*[:.)-])\s*(.+?)\s*$", re.IGNORECASE)
+
+
+def parse_lessons(text: str, max_lessons: int) -> tuple[list[str], int]:
+    """(lessons, number stripped) from an abstractor's answer; see the module doc for the rule."""
+    lines = [line.replace("**", "").replace("__", "") for line in (text or "").splitlines() if line.strip()]
+    bullets = [m.group(1) for m in (_BULLET.match(line) for line in lines) if m]
+    if bullets:
+        items = bullets
+    else:
+        items = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(lines)) if s.strip()]
+    lessons: list[str] = []
+    stripped = 0
+    for item in items:
+        item = re.sub(r"\s+", " ", item).strip().strip('"').strip()
+        if item.endswith(":"):
+            continue
+        if (re.search(r"\d", item) or MARKER_RE.search(item) or "\\boxed" in item or "####" in item
+                or not 10 <= len(item) <= 300):
+            stripped += 1
+            continue
+        if item.lower() in (x.lower() for x in lessons):
+            continue
+        if len(lessons) < max_lessons:
+            lessons.append(item)
+    return lessons, stripped
+
+
+# ---------------------------------------------------------------------------------------------- guard
+@dataclass(frozen=True)
+class Audit:
+    ok: bool
+    reasons: tuple[str, ...] = ()
+    """`gold_answer` and/or `reward_marker`."""
+    gold_in_problem: bool = False
+    """The gold answer appears in the problem statement, so gold occurrences were not held against the context."""
+
+
+def audit_context(context_text: str, gold: str | None, problem_text: str | None = None, *,
+                  allow_gold_in_problem: bool = True) -> Audit:
+    """Pure audit of one context (the prompt minus problem statement and solve instruction)."""
+    reasons: list[str] = []
+    gold_in_problem = bool(gold) and bool(problem_text) and answer_in_text(str(gold), problem_text or "")
+    if gold and str(gold).strip() and answer_in_text(str(gold), context_text):
+        if not (allow_gold_in_problem and gold_in_problem):
+            reasons.append("gold_answer")
+    if MARKER_RE.search(context_text):
+        reasons.append("reward_marker")
+    return Audit(not reasons, tuple(reasons), gold_in_problem)
+
+
+class LeakageGuard:
+    """Audits contexts and counts what it saw (`counts`, keys `<kind>/audited`, `<kind>/dropped`, ...)."""
+
+    def __init__(self, enabled: bool = True, allow_gold_in_problem: bool = True) -> None:
+        self.enabled = enabled
+        self.allow_gold_in_problem = allow_gold_in_problem
+        self.counts: Counter = Counter()
+
+    def check(self, kind: str, context_text: str, gold: str | None, problem_text: str | None) -> Audit:
+        self.counts[f"{kind}/audited"] += 1
+        if not self.enabled:
+            return Audit(True)
+        audit = audit_context(context_text, gold, problem_text, allow_gold_in_problem=self.allow_gold_in_problem)
+        if audit.gold_in_problem:
+            self.counts[f"{kind}/gold_in_problem"] += 1
+        if not audit.ok:
+            self.counts[f"{kind}/dropped"] += 1
+            for reason in audit.reasons:
+                self.counts[f"{kind}/dropped_{reason}"] += 1
+        return audit
+
+
+# ------------------------------------------------------------------------------------------- contexts
+@dataclass(frozen=True)
+class FeedbackContext:
+    """A context that passed the guard: what the rollout engine should generate from."""
+
+    problem_id: str
+    kind: str
+    """`reflection` or `abstraction`."""
+    messages: Messages
+    source_ids: tuple[str, ...]
+    """Pool uids the context came from (store them as `RolloutRecord.context_ids`)."""
+    context_text: str
+    """The audited part of the prompt."""
+    lessons: tuple[str, ...] = ()
+    """Abstraction only: the lessons shown."""
+
+
+@dataclass
+class FeedbackBatch:
+    """Contexts for one step's problems, keyed by (problem id, kind), and counts to log."""
+
+    contexts: dict[tuple[str, str], FeedbackContext] = field(default_factory=dict)
+    stats: Counter = field(default_factory=Counter)
+    """`<kind>/built`, `<kind>/no_source`, `<kind>/dropped`, `<kind>/dropped_gold_answer`,
+    `<kind>/dropped_reward_marker`, `reflection/redactions`, `abstraction/lessons_cached`,
+    `abstraction/lessons_generated`, `abstraction/lessons_stripped`, `abstraction/no_lessons`,
+    `abstraction/abstractor_calls`, ..."""
+
+    def get(self, problem_id: str, kind: str) -> FeedbackContext | None:
+        return self.contexts.get((problem_id, kind))
+
+    def update(self, other: "FeedbackBatch") -> None:
+        self.contexts.update(other.contexts)
+        self.stats.update(other.stats)
+
+    def metrics(self, prefix: str = "feedback/") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in sorted(self.stats.items())}
+
+
+class FeedbackBuilder:
+    """Builds reflection and abstraction contexts for a step's problems from the pool, through the guard.
+
+    `problems` are `data.Problem`-likes (`.id`, `.question`, `.answer`). Call `build` before generating the
+    step's rollouts; lessons it creates are staged in the pool and written with the step (`pool.write_step`).
+    """
+
+    def __init__(self, pool: Any, lanpo: LanpoConfig | None = None, prompts: PromptConfig | None = None,
+                 abstractor: Abstractor | None = None, *, abstractor_name: str | None = None,
+                 extraction: Sequence[str] = EXTRACTORS, seed: int = 0,
+                 guard: LeakageGuard | None = None) -> None:
+        self.pool = pool
+        self.lanpo = lanpo or LanpoConfig()
+        self.prompts = prompts or PromptConfig()
+        self.abstractor = abstractor
+        self.abstractor_name = abstractor_name or self.lanpo.abstraction.abstractor
+        self.extraction = tuple(extraction)
+        self.seed = seed
+        self.guard = guard or LeakageGuard(enabled=self.lanpo.leakage_guard)
+
+    def build(self, problems: Sequence[Any], step: int, kinds: Iterable[str] = ("reflection", "abstraction"),
+              policy_version: int | None = None) -> FeedbackBatch:
+        batch = FeedbackBatch()
+        kinds = set(kinds)
+        if "reflection" in kinds:
+            batch.update(self.reflection(problems, step))
+        if "abstraction" in kinds:
+            batch.update(self.abstraction(problems, step, policy_version=policy_version))
+        return batch
+
+    # ------------------------------------------------------------------------------------- reflection
+    def reflection(self, problems: Sequence[Any], step: int) -> FeedbackBatch:
+        cfg = self.lanpo.reflection
+        batch = FeedbackBatch()
+        found = self.pool.earlier_attempts([p.id for p in problems], cfg.max_attempts, cfg.selection,
+                                           before_step=step, seed=self.seed)
+        for p in problems:
+            attempts = found.get(p.id) or []
+            if not attempts:
+                batch.stats["reflection/no_source"] += 1
+                continue
+            shown = []
+            for a in attempts:
+                text, changes = prepare_attempt(a.response, a.extracted_answer, max_chars=cfg.max_attempt_chars,
+                                                redact=cfg.redact_answers, extraction=self.extraction)
+                batch.stats["reflection/redactions"] += changes
+                shown.append(text)
+            messages, context_text = reflection_messages(p.question, shown, self.prompts)
+            audit = self.guard.check("reflection", context_text, p.answer, p.question)
+            self._count_audit(batch, "reflection", audit)
+            if not audit.ok:
+                continue
+            batch.contexts[(p.id, "reflection")] = FeedbackContext(
+                p.id, "reflection", messages, tuple(a.uid for a in attempts), context_text)
+            batch.stats["reflection/built"] += 1
+        return batch
+
+    @staticmethod
+    def _count_audit(batch: FeedbackBatch, kind: str, audit: Audit) -> None:
+        batch.stats[f"{kind}/audited"] += 1
+        if audit.gold_in_problem:
+            batch.stats[f"{kind}/gold_in_problem"] += 1
+        if not audit.ok:
+            batch.stats[f"{kind}/dropped"] += 1
+            for reason in audit.reasons:
+                batch.stats[f"{kind}/dropped_{reason}"] += 1
+
+    # ------------------------------------------------------------------------------------ abstraction
+    def abstraction(self, problems: Sequence[Any], step: int, policy_version: int | None = None) -> FeedbackBatch:
+        cfg = self.lanpo.abstraction
+        batch = FeedbackBatch()
+        sources: dict[str, list[Any]] = {}
+        lessons_for: dict[str, list[str]] = {}
+        requests: dict[str, tuple[Any, list[Any]]] = {}  # lesson key -> (first problem, experiences)
+        from .pool import lesson_key
+
+        for p in problems:
+            exps = self.pool.similar_experiences(
+                p.id, p.question, top_k=cfg.top_k, min_similarity=cfg.min_similarity,
+                duplicate_similarity=cfg.duplicate_similarity, successful_only=cfg.successful_only,
+                source_choice=cfg.source_choice, before_step=step)
+            if not exps:
+                batch.stats["abstraction/no_source"] += 1
+                continue
+            sources[p.id] = exps
+            key = lesson_key(e.uid for e in exps)
+            cached = self.pool.get_lessons([e.uid for e in exps])
+            if cached is not None:
+                lessons_for[p.id] = cached
+                batch.stats["abstraction/lessons_cached"] += 1
+            else:
+                requests.setdefault(key, (p, exps))
+        generated = self._generate(requests, batch, step, policy_version)
+        for p in problems:
+            if p.id not in sources:
+                continue
+            exps = sources[p.id]
+            lessons = lessons_for.get(p.id)
+            if lessons is None:
+                lessons = generated.get(lesson_key(e.uid for e in exps), [])
+            if not lessons:
+                batch.stats["abstraction/no_lessons"] += 1
+                continue
+            messages, context_text = abstraction_solve_messages(p.question, lessons, self.prompts)
+            audit = self.guard.check("abstraction", context_text, p.answer, p.question)
+            self._count_audit(batch, "abstraction", audit)
+            if not audit.ok:
+                continue
+            batch.contexts[(p.id, "abstraction")] = FeedbackContext(
+                p.id, "abstraction", messages, tuple(e.uid for e in exps), context_text, tuple(lessons))
+            batch.stats["abstraction/built"] += 1
+        return batch
+
+    def _generate(self, requests: dict[str, tuple[Any, list[Any]]], batch: FeedbackBatch, step: int,
+                  policy_version: int | None) -> dict[str, list[str]]:
+        cfg = self.lanpo.abstraction
+        if not requests:
+            return {}
+        if self.abstractor is None:
+            batch.stats["abstraction/no_abstractor"] += len(requests)
+            return {}
+        keys = list(requests)
+        conversations = [
+            abstraction_request_messages([(e.problem_text, e.response) for e in requests[k][1]], cfg.max_lessons,
+                                         self.prompts, cfg.max_experience_chars)
+            for k in keys
+        ]
+        batch.stats["abstraction/abstractor_calls"] += len(conversations)
+        try:
+            texts = list(self.abstractor(conversations))
+        except Exception as e:  # a failing abstractor costs this step its abstraction contexts, not the run
+            log.warning("abstractor failed on %d requests: %s", len(conversations), e)
+            batch.stats["abstraction/abstractor_errors"] += len(conversations)
+            return {}
+        if len(texts) != len(conversations):
+            raise ValueError(f"the abstractor returned {len(texts)} texts for {len(conversations)} conversations")
+        out: dict[str, list[str]] = {}
+        for key, text in zip(keys, texts):
+            lessons, stripped = parse_lessons(text or "", cfg.max_lessons)
+            batch.stats["abstraction/lessons_stripped"] += stripped
+            if not lessons:
+                continue
+            problem, exps = requests[key]
+            self.pool.put_lessons([e.uid for e in exps], lessons, step=step, problem_id=problem.id,
+                                  problem_text=problem.question, producer=self.abstractor_name,
+                                  policy_version=policy_version)
+            batch.stats["abstraction/lessons_generated"] += 1
+            out[key] = lessons
+        return out

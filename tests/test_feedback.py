@@ -1,0 +1,330 @@
+"""Feedback contexts and the leakage guard (lanpo_core/feedback.py), on a real pool and the real embedder."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lanpo_core.config import LanpoConfig, PromptConfig
+from lanpo_core.data import Problem, problem_id
+from lanpo_core.feedback import (HIDDEN, MARKER_RE, FeedbackBuilder, LeakageGuard, abstraction_request_messages,
+                                 abstraction_solve_messages, audit_context, parse_lessons, prepare_attempt,
+                                 reflection_messages, render_chat, solve_messages)
+from lanpo_core.pool import ExperiencePool, RolloutRecord
+from lanpo_core.verify import answer_in_text, extract_answer, numeric_value
+
+FAST = settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                         HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from lanpo_core.models import load_embedder
+
+    return load_embedder("all-minilm-l6-v2")
+
+
+def prob(question: str, answer: str, source: str = "test") -> Problem:
+    return Problem(problem_id(source, question), question, answer, source, {})
+
+
+def attempt(p: Problem, i: int, response: str, reward: float | None, kind: str = "plain") -> RolloutRecord:
+    answer, _ = extract_answer(response)
+    return RolloutRecord.for_problem(p, rollout_index=i, kind=kind, response=response, reward=reward,
+                                     extracted_answer=answer)
+
+
+class FakeAbstractor:
+    """Deterministic stand-in for the rollout engine: one fixed text per conversation, calls recorded."""
+
+    def __init__(self, text: str):
+        self.text, self.calls = text, []
+
+    def __call__(self, conversations):
+        self.calls.append(conversations)
+        return [self.text for _ in conversations]
+
+
+# -------------------------------------------------------------------------------------------- templates
+def test_templates_are_chat_messages_with_optional_system_prompt(smollm2_path):
+    plain = PromptConfig()
+    with_system = PromptConfig(system_prompt="You are a careful solver.")
+    m = solve_messages("What is 2 + 3?", plain)
+    assert m == [{"role": "user", "content": "What is 2 + 3?\n\n" + plain.solve_instruction}]
+    assert solve_messages("Q", with_system)[0] == {"role": "system", "content": "You are a careful solver."}
+    msgs, context = reflection_messages("What is 2 + 3?", ["2 + 3 = [hidden]"], with_system)
+    user = msgs[1]["content"]
+    assert user.startswith("What is 2 + 3?") and "2 + 3 = [hidden]" in user and user.endswith(plain.solve_instruction)
+    assert "critically" in user and "possible errors" in user and "fresh, complete solution" in user
+    assert "What is 2 + 3?" not in context and plain.solve_instruction not in context and "2 + 3 = [hidden]" in context
+    two, _ = reflection_messages("Q", ["a", "b"])
+    assert "2 earlier attempts" in two[0]["content"] and "### Earlier attempt 2" in two[0]["content"]
+    request = abstraction_request_messages([("P1", "S1"), ("P2", "S" * 5000)], 3, plain, max_chars=100)[0]["content"]
+    assert "at most 3" in request and "do not quote any numbers" in request and "S" * 101 not in request
+    solve, ctx = abstraction_solve_messages("What is 2 + 3?", ["Add the ones.", "Check the sum."], plain)
+    assert "- Add the ones.\n- Check the sum." in solve[0]["content"] and "What is 2 + 3?" not in ctx
+    for text in (user, request, solve[0]["content"]):
+        assert not MARKER_RE.search(text), "the templates themselves carry no markers"
+    from transformers import AutoTokenizer
+
+    rendered = render_chat(msgs, AutoTokenizer.from_pretrained(smollm2_path))
+    assert "You are a careful solver." in rendered and rendered.rstrip().endswith("assistant")
+    assert "<|im_start|>user" in rendered
+
+
+def test_parse_lessons_keeps_short_general_bullets():
+    text = ("Here are the lessons:\n1. **Translate** each sentence into an equation.\n"
+            "2) Add 48 and 24 to get the total.\n- Check the result is correct before answering.\n"
+            "* Keep track of units throughout.\n- Keep track of units throughout.\n- ok\n"
+            "Lesson 4: Work backwards from what is asked.\n- Use \\boxed{x} for the answer.")
+    lessons, stripped = parse_lessons(text, 3)
+    assert lessons == ["Translate each sentence into an equation.", "Keep track of units throughout.",
+                       "Work backwards from what is asked."]
+    assert stripped == 4  # the digit, the marker, the too-short and the \boxed one
+    assert parse_lessons("Always reread the question. Then estimate first!", 5)[0] == [
+        "Always reread the question.", "Then estimate first!"]
+    assert parse_lessons("", 3) == ([], 0)
+
+
+# ------------------------------------------------------------------------------------------------ guard
+@pytest.mark.parametrize("gold,text", [
+    ("42", "- Remember that the total is 42 here."),                                  # plain, in a lesson
+    ("42", "### Earlier attempt 1\nso 40 + 2 = 42, then we halve it: 21\n###"),         # plain, in an attempt
+    ("0.5", "the ratio is $\\frac{1}{2}$ of the whole"),                              # LaTeX fraction
+    ("3/4", "she keeps \\dfrac{3}{4} of it"),                                          # LaTeX \dfrac vs a/b
+    ("7", "which gives 7.0 in total"),                                                 # 7 == 7.0
+    ("1,234", "a total of 1234 coins"),                                                # thousands separator
+    ("x^2+1", "the polynomial $x^2 + 1$ appears"),                                    # LaTeX expression
+    ("\\pi", "- Often the area is just \\pi when the radius is one."),               # symbol, no digits
+])
+def test_guard_catches_a_planted_gold_answer(gold, text):
+    guard = LeakageGuard()
+    audit = guard.check("abstraction", text, gold, "An unrelated problem statement.")
+    assert not audit.ok and audit.reasons == ("gold_answer",)
+    assert guard.counts["abstraction/dropped_gold_answer"] == 1
+
+
+@pytest.mark.parametrize("text", ["reward: 1", "This attempt is correct.", "Incorrect!", "score = 0",
+                                  "the attempt was wrong", "\u2713 done", "the ground truth says so",
+                                  "the gold answer is hidden", "verified by the verifier"])
+def test_guard_catches_reward_and_correctness_markers(text):
+    audit = audit_context(f"### Earlier attempt 1\n{text}\n###", "99", "Q")
+    assert not audit.ok and audit.reasons == ("reward_marker",)
+
+
+def test_guard_lets_clean_contexts_and_near_misses_through():
+    assert audit_context("the sum 17 and 7.5 and 70 appear", "7", "Q").ok      # not 7 as a standalone value
+    assert audit_context("x^2 + 12 is not it", "x^2+1", "Q").ok
+    exempt = audit_context("0 + 7 = [hidden]", "7", "What is 0 + 7?")
+    assert exempt.ok and exempt.gold_in_problem, "the problem statement already shows 7"
+    assert not audit_context("0 + 7 = [hidden]", "7", "What is 0 + 7?", allow_gold_in_problem=False).ok
+    assert LeakageGuard(enabled=False).check("reflection", "reward: 1, answer 7", "7", "Q").ok
+
+
+# -------------------------------------------------------------------------------------------- redaction
+@st.composite
+def answered_attempts(draw):
+    """An attempt whose own final answer equals `gold`, written in one of the forms models use."""
+    gold = draw(st.integers(-50, 2000))
+    others = draw(st.lists(st.integers(0, 3000).filter(lambda x: x != gold), max_size=4))
+    steps = " ".join(f"we get {x}, " for x in others)
+    style = draw(st.sampled_from(["boxed", "hashes", "answer_is", "last", "latex", "decimal", "mixed"]))
+    g = str(gold)
+    final = {"boxed": f"So the answer is \\boxed{{{g}}}.", "hashes": f"\n#### {g}",
+             "answer_is": f"The final answer is {g}.", "last": f"that leaves {g}",
+             "latex": f"so $\\boxed{{\\frac{{{2 * gold}}}{{2}}}}$", "decimal": f"\\boxed{{{g}.0}}",
+             "mixed": f"first {g} then check: {g}. Answer: \\boxed{{{g}}}"}[style]
+    return str(gold), f"{steps}{final}"
+
+
+@FAST
+@given(answered_attempts())
+def test_redaction_removes_the_attempts_own_answer(case):
+    gold, text = case
+    shown, changes = prepare_attempt(text)
+    answer, _ = extract_answer(text)
+    assert numeric_value(answer) == numeric_value(gold)
+    assert changes >= 1 and HIDDEN in shown
+    assert not answer_in_text(gold, shown), shown
+
+
+# ------------------------------------------------------------------- reflection: the reward-agnostic rule
+ARITHMETIC_STYLES = [
+    "{a} + {b} = {v}",
+    "{a} plus {b} is {v}. So the answer is \\boxed{{{v}}}.",
+    "Adding {a} and {b} gives {v}.\n#### {v}",
+    "{a} + {b} = {v}\n\nThe answer is \\boxed{{}}.",
+    "{v}",
+    "Let me count: {a}, then {b} more. Total {v}. The final answer is {v}",
+]
+
+
+def _arithmetic_rates(tmp_path, embedder, redact: bool) -> dict[str, float]:
+    problems = [prob(f"What is {a} + {b}?", str(a + b), "arithmetic") for a in range(10) for b in range(10)]
+    pool = ExperiencePool(tmp_path / ("pool-redact" if redact else "pool-raw"), "correct", embedder=embedder)
+    wrong_pool = ExperiencePool(pool.uri, "wrong", embedder=embedder)
+    for target, offset in ((pool, 0), (wrong_pool, 1)):
+        recs = []
+        for p in problems:
+            a, b = map(int, re.findall(r"\d+", p.question))
+            for i, style in enumerate(ARITHMETIC_STYLES):
+                v = a + b + (offset if (i + a) % 2 else -offset if a + b > 0 else offset)
+                recs.append(attempt(p, i, style.format(a=a, b=b, v=v), 1.0 if offset == 0 else 0.0))
+        target.write_step(0, recs)
+    lanpo = LanpoConfig()
+    lanpo.reflection.max_attempts = 1
+    lanpo.reflection.redact_answers = redact
+    rates = {}
+    for name, target in (("correct", pool), ("wrong", wrong_pool)):
+        dropped = total = 0
+        for seed in range(len(ARITHMETIC_STYLES)):  # random selection reaches every style
+            lanpo.reflection.selection = "random"
+            batch = FeedbackBuilder(target, lanpo, seed=seed).reflection(problems, step=1)
+            dropped += batch.stats["reflection/dropped"]
+            total += batch.stats["reflection/audited"]
+        rates[name] = dropped / total
+    return rates
+
+
+def test_drop_rate_does_not_depend_on_the_attempts_correctness(tmp_path, embedder):
+    rates = _arithmetic_rates(tmp_path, embedder, redact=True)
+    assert rates["correct"] == rates["wrong"] == 0.0
+    raw = _arithmetic_rates(tmp_path, embedder, redact=False)
+    assert raw["correct"] > 0.7 and raw["wrong"] < 0.05, "without redaction the guard itself would leak correctness"
+
+
+@st.composite
+def attempt_sets(draw):
+    gold = draw(st.integers(10, 999))
+    a = draw(st.integers(1, 9))
+    question = f"A shop sells {a} boxes a day for a while. How many boxes does it sell in all?"
+    pieces = st.sampled_from(["we add", "so", "correct", "wrong", "reward", "\u2713", "check", "then", "Answer:",
+                              "\\boxed{%d}" % gold, str(gold), str(gold + 1), "#### %d" % gold, "the answer is"])
+    texts = draw(st.lists(st.lists(st.one_of(pieces, st.integers(0, 999).map(str)), min_size=1, max_size=8)
+                          .map(" ".join), min_size=1, max_size=6))
+    rewards = draw(st.lists(st.one_of(st.none(), st.sampled_from([0.0, 1.0]), st.floats(0, 1)),
+                            min_size=len(texts), max_size=len(texts)))
+    return prob(question, str(gold)), texts, rewards
+
+
+_ENCODED: dict = {}
+
+
+@FAST
+@given(case=attempt_sets(), n=st.integers(1, 3), selection=st.sampled_from(["most_recent", "random"]),
+       data=st.data())
+def test_reflection_contexts_never_leak_and_ignore_rewards(tmp_path_factory, embedder, case, n, selection, data):
+    p, texts, rewards = case
+    permuted = data.draw(st.permutations(rewards))
+    folder = tmp_path_factory.mktemp("pool")
+    lanpo = LanpoConfig()
+    lanpo.reflection.max_attempts, lanpo.reflection.selection = n, selection
+    contexts = []
+    if p.question not in _ENCODED:  # embedded once for all examples
+        _ENCODED[p.question] = embedder.encode([p.question], normalize_embeddings=True)[0]
+    for run, rs in (("a", rewards), ("b", permuted)):
+        pool = ExperiencePool(folder, run, embedder=embedder)
+        pool.remember_embeddings({p.id: _ENCODED[p.question]})
+        pool.write_step(0, [attempt(p, i, t, r) for i, (t, r) in enumerate(zip(texts, rs))])
+        batch = FeedbackBuilder(pool, lanpo).reflection([p], step=1)
+        ctx = batch.get(p.id, "reflection")
+        assert batch.stats["reflection/built"] + batch.stats["reflection/dropped"] == 1
+        if ctx is not None:
+            assert not MARKER_RE.search(ctx.context_text)
+            assert not answer_in_text(p.answer, ctx.context_text)
+            contexts.append((ctx.messages, [u.split("/", 1)[1] for u in ctx.source_ids]))
+        else:
+            contexts.append(None)
+    assert contexts[0] == contexts[1], "permuting the stored rewards changed the context"
+
+
+def test_reflection_guard_drops_a_wrong_attempt_that_states_the_gold(tmp_path, embedder):
+    p = prob("Sam has 12 pens and buys 3 packs of 5. How many pens now?", "27")
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, "3 * 5 = 15, 12 + 15 = 27. Then minus 2: \\boxed{25}", 0.0)])
+    builder = FeedbackBuilder(pool)
+    batch = builder.build([p], step=1, kinds=["reflection"])
+    assert batch.get(p.id, "reflection") is None
+    assert batch.stats["reflection/dropped_gold_answer"] == 1 and builder.guard.counts["reflection/dropped"] == 1
+    assert batch.metrics()["feedback/reflection/dropped"] == 1.0
+    pool.write_step(1, [attempt(p, 0, "3 * 5 = 15, 12 + 15 = 27. \\boxed{27}", 1.0)])
+    ok = builder.build([p], step=2, kinds=["reflection"]).get(p.id, "reflection")
+    assert ok is not None and "27" not in ok.messages[-1]["content"] and ok.source_ids == (f"run1/1/{p.id}/0",)
+
+
+# ----------------------------------------------------------------------------------------- abstraction
+@pytest.fixture()
+def abstraction_setup(tmp_path, embedder, shared_data):
+    rows = [json.loads(x) for x in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:40]]
+    problems = [prob(r["question"], r["answer"].split("####")[-1].strip(), "gsm8k") for r in rows]
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, i, f"Solution {i}: " + rows[k]["answer"], 1.0 if i == 0 else 0.0)
+                        for k, p in enumerate(problems) for i in range(2)])
+    return pool, problems
+
+
+def test_abstraction_builds_lessons_caches_and_reuses_them(abstraction_setup, embedder):
+    pool, problems = abstraction_setup
+    fake = FakeAbstractor("- Write each quantity as an expression first.\n- Multiply 12 by 4.\n"
+                          "- Check that the units match.\n- Work backwards from the question.\n- Another one here.")
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity = 0.5
+    builder = FeedbackBuilder(pool, lanpo, abstractor=fake, abstractor_name="fake")
+    targets = problems[:8]
+    batch = builder.build(targets, step=1, kinds=["abstraction"])
+    built = [batch.get(p.id, "abstraction") for p in targets]
+    assert batch.stats["abstraction/built"] == sum(c is not None for c in built) >= 4
+    assert len(fake.calls) == 1 and batch.stats["abstraction/abstractor_calls"] == len(fake.calls[0])
+    ctx = next(c for c in built if c is not None)
+    assert ctx.lessons == ("Write each quantity as an expression first.", "Check that the units match.",
+                           "Work backwards from the question.")
+    assert ctx.problem_id not in {u.split("/")[2] for u in ctx.source_ids} and len(ctx.source_ids) <= 4
+    request = fake.calls[0][0][-1]["content"]
+    assert "do not quote any numbers" in request and "Solution 0: " in request and "Solution 1: " not in request
+    again = builder.build(targets, step=1, kinds=["abstraction"])  # staged lessons are reused before the write
+    assert len(fake.calls) == 1 and again.stats["abstraction/lessons_cached"] == batch.stats["abstraction/built"]
+    report = pool.write_step(1, [])
+    assert report.lessons_written == batch.stats["abstraction/lessons_generated"]
+    reopened = ExperiencePool(pool.uri, "run1", embedder=embedder)
+    fresh = FakeAbstractor("- unused")
+    third = FeedbackBuilder(reopened, lanpo, abstractor=fresh).build(targets, step=1, kinds=["abstraction"])
+    assert fresh.calls == [] and third.get(ctx.problem_id, "abstraction").lessons == ctx.lessons
+
+
+def test_abstraction_guard_drops_lessons_with_the_gold(tmp_path, embedder):
+    circles = [prob(f"A circle has radius {w}. What is its area in terms of pi?", f"{k}\\pi", "geo")
+               for k, w in ((4, "two"), (9, "three"), (16, "four"), (25, "five"))]
+    target = prob("A circle has radius one. What is its area in terms of pi?", "\\pi", "geo")
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, "Area is pi r^2.", 1.0) for p in circles])
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity, lanpo.abstraction.duplicate_similarity = 0.5, 0.999  # the guard is under test
+    leaky = FakeAbstractor("- Use the area formula for a circle.\n- For a unit radius the area is \\pi.")
+    batch = FeedbackBuilder(pool, lanpo, abstractor=leaky).build([target], step=1, kinds=["abstraction"])
+    assert batch.get(target.id, "abstraction") is None
+    assert batch.stats["abstraction/dropped_gold_answer"] == 1 and batch.stats["abstraction/built"] == 0
+
+
+def test_abstraction_without_sources_or_abstractor_falls_back(abstraction_setup):
+    pool, problems = abstraction_setup
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity = 0.99
+    assert FeedbackBuilder(pool, lanpo).abstraction(problems[:3], 1).stats["abstraction/no_source"] == 3
+    lanpo.abstraction.min_similarity = 0.3
+    none = FeedbackBuilder(pool, lanpo).abstraction(problems[:3], 1)
+    assert none.stats["abstraction/no_abstractor"] == 3 and not none.contexts
+
+    def broken(conversations):
+        raise RuntimeError("engine down")
+
+    failed = FeedbackBuilder(pool, lanpo, abstractor=broken).abstraction(problems[:3], 1)
+    assert failed.stats["abstraction/abstractor_errors"] == 3 and not failed.contexts
+    with pytest.raises(ValueError, match="returned 0 texts"):
+        FeedbackBuilder(pool, lanpo, abstractor=lambda c: []).abstraction(problems[:3], 1)
+    empty = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor("1. Add 2 and 3.")).abstraction(problems[:3], 1)
+    assert empty.stats["abstraction/no_lessons"] == 3 and empty.stats["abstraction/lessons_stripped"] == 3
+    assert pool.get_lessons(["nothing"]) is None

@@ -1,0 +1,180 @@
+"""The training and evaluation flows, run for real: ephemeral Prefect API, SQLite MLflow store, LanceDB pool,
+transformers forward/backward passes (tiny random-weight model; the real SmolLM2 in the slow tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(model: str, runs: Path, steps: int = 2) -> list[str]:
+    return [f"model.name_or_path={model}", f"grpo.steps={steps}", "eval.every=0", "eval.limit=4", "eval.samples=1",
+            "rollout.backend=transformers", f"paths.runs_dir={runs}", "rollout.max_new_tokens=8",
+            "eval.max_new_tokens=8", "lanpo.abstraction.max_new_tokens=16", "lanpo.abstraction.min_similarity=0.3"]
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def task_states(flow_run_id) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in runs)
+
+
+def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_path, mlflow_store):
+    from mlflow import MlflowClient
+
+    from flows.train import lanpo_train
+    from lanpo_core.pool import ExperiencePool
+
+    overrides = tiny_overrides(tiny_model_path, tmp_path / "runs")
+    state = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["steps"] == 2 and Path(summary["checkpoint"]).is_dir()
+    first = task_states(state.state_details.flow_run_id)
+    stages = ["build-feedback", "evaluate-policy", "generate-rollouts", "score-rollouts", "update-policy",
+              "write-pool"]
+    assert sorted({name for name, _ in first}) == stages
+    assert {s for _, s in first} == {"Completed"}
+
+    # The pool holds every rollout of both steps: B=4 problems x G=4 x 2 steps.
+    pool = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"], read_only=True)
+    assert pool.count() == 32
+    assert pool.count(step=1) == 16
+
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["rollout.num_generations"] == "4"
+    assert run.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
+    assert run.data.metrics["pool/rows"] == 32.0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "mix/plain")] == [0, 1]
+    assert "update/loss" in run.data.metrics and "eval/arithmetic-heldout/greedy" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "config.json", "rollouts", "eval"} <= artifacts
+    rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",
+                                                         str(tmp_path))).read_text())
+    assert len(rollouts) == 16 and {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
+
+    # Same parameters again: every stage comes from the cache, nothing changes, the MLflow run is reused.
+    again = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
+    assert again.is_completed()
+    assert {s for _, s in task_states(again.state_details.flow_run_id)} == {"Cached"}
+    assert again.result()["checkpoint_checksum"] == summary["checkpoint_checksum"]
+    assert again.result()["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"]).count() == 32
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["grpo.lr=1"], "unknown key 'grpo.lr'"),
+    (["data.train.format=gsm8k", "data.train.path=/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
+    (["model.name_or_path=/no/such/model"], "neither a bundled name"),
+])
+def test_bad_input_fails_the_flow_before_any_stage(tmp_path, tiny_model_path, mlflow_store, extra, message):
+    from flows.train import lanpo_train
+
+    state = lanpo_train("configs/tiny-cpu.yaml", tiny_overrides(tiny_model_path, tmp_path / "runs") + extra,
+                        "bad", return_state=True)
+    assert state.is_failed()
+    assert message in state.message or message in str(state.result(raise_on_failure=False))
+    assert task_states(state.state_details.flow_run_id) == []
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_flow_predictions_agree_with_metrics(tmp_path, tiny_model_path, mlflow_store):
+    from flows.evaluate import lanpo_evaluate
+    from lanpo_core.evaluate import accuracy_from_predictions
+
+    summary = lanpo_evaluate("configs/tiny-cpu.yaml", tiny_model_path,
+                             [f"paths.runs_dir={tmp_path}", "eval.limit=6", "eval.samples=2", "eval.max_new_tokens=6",
+                              "rollout.backend=transformers"])
+    rows = [json.loads(line) for line in open(summary["predictions"])]
+    assert len(rows) == 6 * 2 + 6
+    recomputed = accuracy_from_predictions(rows, k=2)
+    for key, value in recomputed.items():
+        assert summary[key] == pytest.approx(value)
+    assert "eval/arithmetic-heldout/mean_at_2" in recomputed
+
+
+# ------------------------------------------------------------------------------------------- crash and resume
+def _pool_rows(run_dir: Path, run_key: str) -> list[tuple]:
+    from lanpo_core.pool import ExperiencePool
+
+    table = ExperiencePool(run_dir / "pool", run_id=run_key, read_only=True).table.to_pandas()
+    table = table[table["run_id"] == run_key]
+    cols = ["step", "problem_id", "rollout_index", "kind", "response", "reward"]
+    return sorted(tuple(r) for r in table[cols].itertuples(index=False))
+
+
+def _spawn_train(overrides: list[str], run_name: str, env: dict) -> subprocess.Popen:
+    code = ("import sys, json; from flows.train import lanpo_train; "
+            "print(json.dumps(lanpo_train('configs/tiny-cpu.yaml', json.loads(sys.argv[1]), sys.argv[2])))")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(overrides), run_name], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+KILL_OVERRIDES = ["grpo.steps=2", "eval.every=0", "eval.limit=2", "eval.samples=1", "eval.greedy=false",
+                  "rollout.backend=transformers", "rollout.batch_problems=2", "rollout.num_generations=4",
+                  "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "lanpo.abstraction.max_new_tokens=24",
+                  "lanpo.abstraction.min_similarity=0.3", "grpo.bf16=false", "grpo.learning_rate=1e-4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, smollm2_path):
+    """The reference: the same run, never interrupted."""
+    root = tmp_path_factory.mktemp("resume")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    overrides = KILL_OVERRIDES + [f"paths.runs_dir={root / 'runs'}"]
+    reference = _spawn_train(overrides, "reference", env)
+    out, _ = reference.communicate(timeout=900)
+    assert reference.returncode == 0
+    return root, env, overrides, json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["checkpoint-1", "pool-3"])
+def test_killed_flow_resumes_to_the_same_weights_and_pool(uninterrupted, kill_when):
+    """SIGKILL mid-run (once step 0's checkpoint is written / once the pool has its third version), restart: the
+    final weights and pool equal those of an uninterrupted run. Real SmolLM2, so that updates change the weights."""
+    root, env, overrides, ref = uninterrupted
+    name = f"victim-{kill_when}"
+    victim = _spawn_train(overrides, name, env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and victim.poll() is None:
+        dirs = list((root / "runs").glob(f"{name}-*"))
+        if dirs and kill_when == "checkpoint-1" and (dirs[0] / "checkpoints" / "step-000001").is_dir():
+            break
+        if dirs and kill_when == "pool-3" and len(list((dirs[0] / "pool").rglob("_versions/*"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    resumed = _spawn_train(overrides, name, env)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["steps"] == ref["steps"] == 2
+    assert final["checkpoint_checksum"] == ref["checkpoint_checksum"]
+    assert not ref["checkpoint_checksum"].startswith("base:")
+    ref_rows = _pool_rows(Path(ref["run_dir"]), ref["run_key"])
+    assert len(ref_rows) == 2 * 2 * 4
+    assert _pool_rows(Path(final["run_dir"]), final["run_key"]) == ref_rows

@@ -32,6 +32,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect problem sets.")
 config_app = typer.Typer(no_args_is_help=True, help="Show resolved run configurations.")
 services_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, deployments and MLflow UI.")
+pool_app = typer.Typer(no_args_is_help=True, help="Browse a run's experience pool.")
+app.add_typer(pool_app, name="pool")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(services_app, name="services")
@@ -196,6 +198,45 @@ def services_down() -> None:
 
     stopped = down()
     typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@pool_app.command("show")
+def pool_show(run_dir: Path = typer.Argument(..., help="A run folder, runs/<run>."),
+              step: Optional[int] = typer.Option(None, help="Only this step (default: the last one)."),
+              limit: int = typer.Option(5, help="Rollouts and lesson sets to show.")) -> None:
+    """Counts, rewards by rollout kind, the latest lessons and context-conditioned rollouts of a run."""
+    from lanpo_core.pool import ExperiencePool
+
+    with user_errors():
+        cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if cfg is None:
+            raise DataError(f"{run_dir} is not a lanpo run folder (no config.yaml)")
+        uri = cfg.pool.uri or str(run_dir / "pool")
+        if "://" not in uri and not Path(uri).is_dir():
+            raise DataError(f"{run_dir}: no pool at {uri} (has the run written a step yet?)")
+        pool = ExperiencePool(uri, run_id=run_dir.resolve().name, read_only=True)
+        stats = pool.stats()
+        typer.echo(f"pool {uri} (version {stats['version']}): {stats['rows']} rollouts of {stats['problems']} "
+                   f"problems over {stats['steps']} steps, {stats['lessons']} lesson sets")
+        for kind, row in stats["by_kind"].items():
+            mean = "-" if row["reward_mean"] is None else f"{row['reward_mean']:.3f}"
+            typer.echo(f"  {kind:12} {row['rows']:6d} rollouts, reward mean {mean}")
+        frame = pool.table.to_pandas()
+        frame = frame[frame["run_id"] == pool.run_id]
+        if frame.empty:
+            return
+        shown = frame[frame["step"] == (frame["step"].max() if step is None else step)]
+        lessons = shown[shown["kind"] == "lesson"].head(limit)
+        for _, row in lessons.iterrows():
+            typer.echo(f"\nlessons (step {row['step']}, from {len(row['context_ids'])} experiences):")
+            for lesson in row["lessons"]:
+                typer.echo(f"  - {lesson}")
+        rollouts = shown[shown["kind"].isin(["reflection", "abstraction"])].head(limit)
+        for _, row in rollouts.iterrows():
+            response = " ".join(str(row["response"]).split())
+            typer.echo(f"\n[{row['kind']} step {row['step']}] {row['problem_text'][:80]}\n"
+                       f"  context from {list(row['context_ids'])[:4]}\n  -> {response[:160]}  "
+                       f"(answer {row['extracted_answer']}, reward {row['reward']})")
 
 
 @data_app.command("inspect")

@@ -26,7 +26,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES_DIR = REPO / ".lanpo-services"
+SERVICES_DIR = Path(os.environ.get("LANPO_SERVICES_DIR", REPO / ".lanpo-services"))
+"""PID file, logs and the Prefect server's home (env LANPO_SERVICES_DIR, default `.lanpo-services/`)."""
 
 
 def deployments():
@@ -89,11 +90,13 @@ def services_up(prefect_port: int = 4200, mlflow_port: int = 5000, timeout: floa
                            f"see {SERVICES_DIR / 'prefect-server.log'}")
     env["PREFECT_API_URL"] = api
     pids["lanpo-serve"] = _start("lanpo-serve", [sys.executable, "-m", "flows.serve"], env)
-    store = REPO / "mlruns"
-    store.mkdir(exist_ok=True)
-    pids["mlflow-ui"] = _start("mlflow-ui", [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
-                                             f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
-                                             str(mlflow_port), "--workers", "1"], env)
+    backend = os.environ.get("MLFLOW_TRACKING_URI")
+    if not backend:  # the store the flows write to by default (tasks/tracking.py), from the repository folder
+        (REPO / "mlruns").mkdir(exist_ok=True)
+        backend = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
+    pids["mlflow-ui"] = _start("mlflow-ui", [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend,
+                                             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+                               env)
     state_file.write_text(json.dumps(pids))
     if not wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout):
         services_down()

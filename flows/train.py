@@ -133,6 +133,8 @@ def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
             if mlflow_run_id:
                 tracking.log_json(mlflow_run_id, summary, "summary.json")
                 tracking.log_json(mlflow_run_id, cfg.model_dump(mode="json"), "config.json")
+                tracking.log_curves(mlflow_run_id)
+                summary["mlflow_run_url"] = tracking.run_url(cfg, mlflow_run_id)
             create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(run.key),
                                      description=f"lanpo run {run.key}")
             return summary

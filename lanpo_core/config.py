@@ -164,6 +164,8 @@ class VllmConfig(_Section):
     """CPU only: KV-cache size (env VLLM_CPU_KVCACHE_SPACE)."""
     max_model_len: int = Field(2048, ge=64)
     """Longest prompt+completion the engine accepts."""
+    sync_dir: str | None = None
+    """Folder for the weight-sync file (one safetensors, rewritten per sync); None: /dev/shm if writable, else tmp."""
 
 
 class RolloutConfig(_Section):
@@ -186,6 +188,14 @@ class RolloutConfig(_Section):
     overlong_prompt: Literal["refuse", "truncate_context"] = "truncate_context"
     """`truncate_context` left-truncates the feedback context (never the problem); `refuse` drops the request.
     Either way it is counted and logged."""
+    logprobs: Literal["auto", "raw", "processed"] = "auto"
+    """Per-token log-probs returned with each completion: `raw` = log-softmax of the unmodified logits (T=1, no
+    top-k/top-p), `processed` = of the distribution actually sampled (after temperature, top-k, top-p); `auto` =
+    raw when `grpo.logprob_temperature` is 1.0, else processed (the trainer must score at the same temperature)."""
+    transformers_batch_size: int = Field(64, ge=1)
+    """Sequences per batched `generate` call in the transformers backend (left-padded)."""
+    progress: bool = True
+    """Show a progress bar for generation batches of more than one `transformers_batch_size`/64 sequences."""
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     """vLLM engine settings."""
 
@@ -224,16 +234,19 @@ class ReflectionConfig(_Section):
     """How attempts are chosen; never by reward (that would leak it)."""
     max_attempt_chars: int = Field(2000, ge=100)
     """Each shown attempt is cut to this many characters (head kept)."""
+    redact_answers: bool = True
+    """Hide every shown attempt's own final answer and correctness words before the guard, whatever its reward."""
 
 
 class AbstractionConfig(_Section):
     top_k: int = Field(4, ge=1, le=64)
     """Experiences retrieved from other problems (METHOD.md step 4)."""
     min_similarity: float | None = Field(0.6, ge=-1.0, le=1.0)
-    """Cosine threshold for relevance; None disables it (the paper's ablation). 0.6 is calibrated for
-    all-MiniLM-L6-v2, whose scores run lower than the paper's embedder (docs/defaults.md)."""
-    duplicate_similarity: float = Field(0.97, ge=0.0, le=1.0)
-    """Experiences at or above this similarity (or with identical normalised text) count as the same problem."""
+    """Cosine threshold for relevance; None disables it (the paper's ablation). 0.6 is measured for
+    all-MiniLM-L6-v2 on GSM8K: the 99th percentile of random question pairs (docs/defaults.md)."""
+    duplicate_similarity: float = Field(0.9, ge=0.0, le=1.0)
+    """At or above this similarity (or identical normalised text) counts as the same problem. 0.9, not the METHOD's
+    0.97: MiniLM puts GSM8K inverse variants (one's answer is given in the other) and commuted sums at 0.90-0.99."""
     successful_only: bool = True
     """Show only experiences with reward > 0 (rewards of *other* problems may steer selection)."""
     max_lessons: int = Field(3, ge=1, le=10)
@@ -242,6 +255,10 @@ class AbstractionConfig(_Section):
     """`policy` (the current policy) or a model spec for a separate fixed abstractor."""
     max_new_tokens: int = Field(192, ge=16)
     """Token budget of the abstractor's answer."""
+    source_choice: Literal["earliest", "latest"] = "earliest"
+    """Which eligible rollout of a retrieved problem is shown; `earliest` keeps source sets stable (lessons reused)."""
+    max_experience_chars: int = Field(1500, ge=100)
+    """Each experience shown to the abstractor is cut to this many characters (head kept)."""
 
 
 class OffPolicyConfig(_Section):
@@ -279,6 +296,16 @@ class PoolConfig(_Section):
     """sentence-transformers model: the bundled `all-minilm-l6-v2`, a local folder or a hub name."""
     max_response_chars: int = Field(8000, ge=100)
     """Longer responses are truncated to this (head kept) before storage, and counted."""
+    max_problem_chars: int = Field(8000, ge=100)
+    """Rollouts whose problem text is longer are refused (counted): no benchmark problem comes near it."""
+    search: Literal["memory", "lance"] = "memory"
+    """Similar-experience search: the run's in-memory problem-level index (exact, fastest) or LanceDB vector search."""
+    index_min_rows: int | None = Field(None, ge=256)
+    """With `search: lance`, build the IVF_PQ index once the table holds this many rows; None never (bench/pool.py)."""
+    optimize_every: int = Field(20, ge=0)
+    """Compact fragments and update indices every N step writes (0: never); old versions are kept."""
+    embed_batch_size: int = Field(64, ge=1)
+    """Batch size for embedding problem texts."""
 
 
 # ------------------------------------------------------------------------------------------------- grpo
@@ -333,8 +360,6 @@ class EvalConfig(_Section):
     """Token budget for evaluation answers."""
     limit: int | None = Field(None, ge=1)
     """Evaluate at most N problems per benchmark."""
-    feedback_augmented: bool = False
-    """Also report accuracy with lessons from the training pool (never from the test problem)."""
 
 
 # --------------------------------------------------------------------------------------- tracking, paths

@@ -118,3 +118,50 @@ def log_file(run_id: str, path: str | Path, artifact_dir: str | None = None) -> 
     from mlflow import MlflowClient
 
     MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_curves(run_id: str, prefixes: tuple[str, ...] = ("rollout/reward_", "eval/"), name: str = "curves.png") -> bool:
+    """Plot every metric whose name starts with one of `prefixes` against the step (one panel per prefix) and log
+    the PNG as an artifact. Returns False when there is nothing to plot."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    keys = sorted(client.get_run(run_id).data.metrics)
+    panels = [(p, [k for k in keys if k.startswith(p) and "/time" not in k and "unusable" not in k])
+              for p in prefixes]
+    panels = [(p, ks) for p, ks in panels if ks]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (prefix, ks) in zip(axes[0], panels):
+        for key in ks:
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            ax.plot([s for s, _ in history], [v for _, v in history], marker="o", label=key.removeprefix(prefix))
+        ax.set_title(prefix.rstrip("/_") or "metrics")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        client.log_artifact(run_id, str(path))
+    return True
+
+
+def run_url(cfg: RunConfig, run_id: str) -> str | None:
+    """A link to the run in the MLflow UI, when the tracking store is a server."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

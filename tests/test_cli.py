@@ -22,7 +22,7 @@ def lanpo(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_data_inspect_tiny_config():
     result = lanpo("data", "inspect", "configs/tiny-cpu.yaml", "--samples", "2")
     assert result.returncode == 0, result.stderr
-    assert "train arithmetic-train: 113 problems" in result.stdout
+    assert "train arithmetic-train: 20 problems" in result.stdout
     assert "eval  arithmetic-heldout: 42 problems" in result.stdout
     assert result.stdout.count("gold answers parsable: 100.0%") == 2
     assert result.stdout.count("What is") == 4

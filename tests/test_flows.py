@@ -68,7 +68,7 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mix/plain")] == [0, 1]
     assert "update/loss" in run.data.metrics and "eval/arithmetic-heldout/greedy" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "config.json", "rollouts", "eval"} <= artifacts
+    assert {"summary.json", "config.json", "curves.png", "rollouts", "eval"} <= artifacts
     rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",
                                                          str(tmp_path))).read_text())
     assert len(rollouts) == 16 and {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
@@ -80,6 +80,11 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert again.result()["checkpoint_checksum"] == summary["checkpoint_checksum"]
     assert again.result()["mlflow_run_id"] == summary["mlflow_run_id"]
     assert ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"]).count() == 32
+
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "pool", "show", summary["run_dir"]], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "32 rollouts of 8 problems over 2 steps" in shown.stdout
 
 
 @pytest.mark.parametrize("extra, message", [

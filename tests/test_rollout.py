@@ -1,0 +1,509 @@
+"""Rollout engine (issue #3): API validation, prompt policy, and real generation on the bundled SmolLM2 with both
+backends: log-probs against a forward pass, determinism, finish reasons, weight sync, and clean shutdown.
+
+The transformers tests share one in-process model. The vLLM tests (marked slow) share one float32 engine per module
+(~30-60 s to start): float32 so that log-probs can be held to a tight tolerance against a float32 forward pass."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from lanpo_core.config import RunConfig
+from lanpo_core.rollout import (CONTEXT_SLOT, TRUNCATION_MARKER, BackendUnavailable, Completion, RolloutEngine,
+                                RolloutError, RolloutRequest, SamplingSpec, TransformersEngine, iter_model_weights,
+                                make_engine, render_prompt)
+
+ARITH = "What is {a}+{b}? Answer with only the number."
+
+
+def _chat(q: str, **kw) -> RolloutRequest:
+    return RolloutRequest(messages=[{"role": "user", "content": q}], **kw)
+
+
+def _arith(pairs, n=2) -> list[RolloutRequest]:
+    return [_chat(ARITH.format(a=a, b=b), n=n, tags={"problem": f"{a}+{b}", "kind": "plain"}) for a, b in pairs]
+
+
+def _reference_logits(model, c: Completion) -> torch.Tensor:
+    """Next-token logits at each completion position: one unpadded float32 forward pass over prompt + completion."""
+    ids = torch.tensor([c.prompt_ids + c.completion_ids])
+    with torch.no_grad():
+        return model(ids).logits[0, len(c.prompt_ids) - 1: -1].float()
+
+
+def _logprobs(logits: torch.Tensor, c: Completion, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.completion_ids)[:, None])[:, 0]
+
+
+def _check_raw_logprobs(model, out: list[Completion]) -> None:
+    """Engine log-probs == raw (T=1) log-probs of a forward pass, and clearly not the tempered (T=0.7) ones."""
+    got, raw, tempered = [], [], []
+    for c in out:
+        assert len(c.completion_ids) == len(c.logprobs) >= 1
+        logits = _reference_logits(model, c)
+        got.append(torch.tensor(c.logprobs))
+        raw.append(_logprobs(logits, c))
+        tempered.append(_logprobs(logits, c, 0.7))
+    got, raw, tempered = torch.cat(got), torch.cat(raw), torch.cat(tempered)
+    assert (raw - got).abs().max() < 1e-3
+    assert (tempered - got).abs().max() > 0.05
+
+
+# ------------------------------------------------------------------------------------------------ API validation
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(messages=[]), "non-empty list"),
+    (dict(messages=None, text=None), "exactly one"),
+    (dict(messages=[{"role": "user", "content": "x"}], text="x"), "exactly one"),
+    (dict(messages=[{"role": "user", "content": "x"}], n=0), "n must be"),
+    (dict(messages=[{"role": "user", "content": "x"}], n=2.0), "n must be"),
+    (dict(messages=[{"role": "user"}]), "string 'role' and 'content'"),
+    (dict(messages=[{"role": "user", "content": "   "}]), "empty"),
+    (dict(text="  "), "non-empty"),
+    (dict(messages=[{"role": "system", "content": "x"}], context="c"), "no user message"),
+    (dict(text="x", context=3), "context must be"),
+])
+def test_bad_requests_are_refused_with_a_clear_error(kwargs, match):
+    with pytest.raises(RolloutError, match=match):
+        RolloutRequest(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(stop=("",)), "stop"), (dict(seed=-1), "seed"),
+])
+def test_bad_sampling_is_refused(kwargs, match):
+    with pytest.raises(RolloutError, match=match):
+        SamplingSpec(**kwargs)
+
+
+def test_sampling_from_config():
+    cfg = RunConfig()
+    cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens = 0.7, 0.9, 20, 48
+    s = SamplingSpec.from_config(cfg)
+    assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.seed) == (0.7, 0.9, 20, 48, cfg.seed)
+    assert SamplingSpec.from_config(cfg, step=1).seed == SamplingSpec.from_config(cfg, step=1).seed
+    assert SamplingSpec.from_config(cfg, step=1).seed != SamplingSpec.from_config(cfg, step=2).seed
+    g = SamplingSpec.from_config(cfg.rollout, temperature=0, stop="\n\n")
+    assert g.greedy and g.stop == ("\n\n",)
+    with pytest.raises(RolloutError, match="unknown sampling"):
+        SamplingSpec.from_config(cfg, temprature=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def test_context_goes_into_the_slot_or_before_the_last_user_message(tokenizer):
+    slot = _chat(f"Problem: 2+2.\nEarlier attempt:\n{CONTEXT_SLOT}\nCheck it.", context="I think it is 5.")
+    text = tokenizer.decode(render_prompt(tokenizer, slot, 1000).ids)
+    assert "Earlier attempt:\nI think it is 5.\nCheck it." in text and CONTEXT_SLOT not in text
+    plain = RolloutRequest(messages=[{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                                     {"role": "user", "content": "Problem: 2+2."}], context="LESSON")
+    text = tokenizer.decode(render_prompt(tokenizer, plain, 1000).ids)
+    assert "LESSON\n\nProblem: 2+2." in text and text.count("LESSON") == 1
+    assert text.rstrip().endswith("assistant")  # add_generation_prompt=True
+    raw = RolloutRequest(text="Q: 2+2?\nA:", context="ctx")
+    assert tokenizer.decode(render_prompt(tokenizer, raw, 1000).ids).endswith("ctx\n\nQ: 2+2?\nA:")
+
+
+def test_overlong_prompt_left_truncates_the_context_only(tokenizer):
+    context = " ".join(f"step{i} says the sum is {i}." for i in range(300))  # far over the limit
+    req = _chat(f"Earlier attempts:\n{CONTEXT_SLOT}\n\nProblem: what is 17+25?", context=context)
+    bare = len(render_prompt(tokenizer, req.with_context(None), 10_000).ids)
+    limit = bare + 60
+    rp = render_prompt(tokenizer, req, limit, "truncate_context")
+    assert not rp.refused and rp.truncated and len(rp.ids) <= limit
+    text = tokenizer.decode(rp.ids)
+    assert "Problem: what is 17+25?" in text  # the problem is never cut
+    assert TRUNCATION_MARKER + "" in text and "step299 says the sum is 299." in text  # the *end* of the context kept
+    assert "step0 says" not in text and rp.context_tokens_dropped > 1000
+    assert render_prompt(tokenizer, req, 10_000).truncated is False
+
+
+def test_overlong_prompt_refusals(tokenizer):
+    req = _chat("Problem: what is 17+25? " * 20, context="some context")
+    n = len(render_prompt(tokenizer, req, 10_000).ids)
+    refused = render_prompt(tokenizer, req, n - 1, "refuse")
+    assert refused.refused and "refuse" in refused.reason
+    # the problem alone does not fit: truncating the context cannot help
+    no_room = render_prompt(tokenizer, req, n - 40, "truncate_context")
+    assert no_room.refused and "without its context" in no_room.reason
+    no_ctx = render_prompt(tokenizer, _chat("x " * 100), 20, "truncate_context")
+    assert no_ctx.refused and "no context" in no_ctx.reason
+
+
+# ------------------------------------------------------------------------------------------------ backend choice
+def test_auto_falls_back_to_transformers_with_a_logged_reason(monkeypatch, caplog, tiny_model_path):
+    import lanpo_core.rollout_vllm as rv
+
+    monkeypatch.setattr(rv, "vllm_status", lambda vcfg=None: (False, "no vLLM in this test"))
+    cfg = RunConfig()
+    with caplog.at_level(logging.WARNING, logger="lanpo_core.rollout"):
+        engine = make_engine(cfg, tiny_model_path)
+    assert isinstance(engine, TransformersEngine) and isinstance(engine, RolloutEngine)
+    assert "no vLLM in this test" in caplog.text
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(_arith([(1, 2)]), SamplingSpec())
+    cfg.rollout.backend = "vllm"
+    with pytest.raises(BackendUnavailable, match="no vLLM in this test"):
+        make_engine(cfg, tiny_model_path)
+
+
+def test_torchvision_import_error_becomes_an_instruction(monkeypatch):
+    import builtins
+
+    import lanpo_core.rollout_vllm as rv
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(rv, "_STATUS", None)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    ok, why = rv.vllm_status()
+    assert not ok and "pip uninstall -y torchvision" in why
+    monkeypatch.setattr(rv, "_STATUS", None)  # don't leave the fake answer cached
+
+
+def test_cpu_env_defaults_respect_the_user(monkeypatch):
+    import lanpo_core.rollout_vllm as rv
+    from lanpo_core.config import VllmConfig
+
+    monkeypatch.setattr(rv, "_on_gpu", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    applied = rv.apply_cpu_env_defaults(VllmConfig(cpu_kv_cache_gib=3))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == rv._cpu_list(os.sched_getaffinity(0))
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7" and "VLLM_CPU_KVCACHE_SPACE" not in applied
+    assert rv._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_engine_creation_inside_a_spawn_reimport_is_refused(monkeypatch):
+    import multiprocessing
+
+    import lanpo_core.rollout_vllm as rv
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(RuntimeError, match='if __name__ == "__main__"'):
+        rv._check_main_guard()
+
+
+# ------------------------------------------------------------------------------------------------ transformers backend
+@pytest.fixture(scope="module")
+def hf_engine(smollm2_path):
+    cfg = RunConfig()
+    cfg.rollout.max_prompt_tokens = 200
+    engine = make_engine(cfg, smollm2_path, backend="transformers")
+    assert engine.backend == "transformers" and engine.logprobs_mode == "raw"
+    yield engine
+    engine.close()
+
+
+def test_hf_raw_logprobs_match_a_forward_pass(hf_engine):
+    out = hf_engine.generate(_arith([(3, 4), (5, 2)], n=3), SamplingSpec(temperature=0.7, max_new_tokens=8))
+    assert [(c.request_index, c.sample_index) for c in out] == [(i, j) for i in range(2) for j in range(3)]
+    assert out[4].tags == {"problem": "5+2", "kind": "plain"}
+    assert all(1 <= len(c.completion_ids) <= 8 for c in out)
+    _check_raw_logprobs(hf_engine.model, out)
+
+
+def test_hf_processed_logprobs_follow_temperature_and_top_k(hf_engine):
+    processed = TransformersEngine(hf_engine.model, hf_engine.tokenizer, logprobs_mode="processed")
+    out = processed.generate(_arith([(3, 4), (6, 1)], n=2),
+                             SamplingSpec(temperature=0.7, top_k=20, max_new_tokens=8, seed=5))
+    for c in out:
+        ref = _logprobs(_reference_logits(hf_engine.model, c), c, temperature=0.7, top_k=20)
+        assert (ref - torch.tensor(c.logprobs)).abs().max() < 1e-3
+
+
+def test_hf_same_seed_same_completions_and_caller_rng_untouched(hf_engine):
+    reqs = _arith([(2, 3), (4, 4)], n=3)
+    s = SamplingSpec(temperature=1.0, max_new_tokens=6, seed=123)
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    a = hf_engine.generate(reqs, s)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = hf_engine.generate(reqs, s)
+    c = hf_engine.generate(reqs, SamplingSpec(temperature=1.0, max_new_tokens=6, seed=124))
+    assert [x.completion_ids for x in a] == [x.completion_ids for x in b]
+    assert [x.logprobs for x in a] == [x.logprobs for x in b]
+    assert [x.completion_ids for x in a] != [x.completion_ids for x in c]
+
+
+def test_hf_finish_reasons(hf_engine):
+    eos = hf_engine.tokenizer.eos_token_id
+    greedy = SamplingSpec(temperature=0, max_new_tokens=14)
+    short, long_ = hf_engine.generate([_chat("What is 2+2? Answer with only the number."),
+                                       _chat("Write a long story about a dragon.")], greedy)
+    assert short.finish_reason == "stop" and short.completion_ids[-1] == eos and len(short.completion_ids) < 14
+    assert short.stop_string is None and "4" in short.text
+    assert long_.finish_reason == "length" and len(long_.completion_ids) == 14 and eos not in long_.completion_ids
+    # a stop string taken from the middle of the greedy answer: the text ends right before it
+    stop = long_.text[20:26]
+    cut = hf_engine.generate([_chat("Write a long story about a dragon.")],
+                             SamplingSpec(temperature=0, max_new_tokens=14, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.text == long_.text[: long_.text.index(stop)]
+    assert cut.completion_ids == long_.completion_ids[: len(cut.completion_ids)] and len(cut.logprobs) == len(
+        cut.completion_ids)
+    assert stop in hf_engine.tokenizer.decode(cut.completion_ids)
+
+
+def test_hf_overlong_requests_are_counted_and_refused_ones_stay_aligned(hf_engine, caplog):
+    before = dict(hf_engine.stats)
+    long_ctx = " ".join(f"attempt {i}: the sum is {i}." for i in range(200))
+    reqs = [_chat("What is 1+1?", context=long_ctx, n=2, tags={"id": "ctx"}),
+            _chat("What is 2+2? " * 100, n=2, tags={"id": "huge"}),
+            _chat("What is 3+3?", tags={"id": "ok"})]
+    with caplog.at_level(logging.WARNING, logger="lanpo_core.rollout"):
+        out = hf_engine.generate(reqs, SamplingSpec(temperature=0.7, max_new_tokens=4))
+    assert [c.tags["id"] for c in out] == ["ctx", "ctx", "huge", "huge", "ok"]
+    assert all(c.prompt_truncated and c.context_tokens_dropped > 0 for c in out[:2])
+    assert all(len(c.prompt_ids) <= 200 and c.finish_reason in ("stop", "length") for c in out[:2])
+    assert [c.finish_reason for c in out[2:4]] == ["refused", "refused"] and out[2].completion_ids == []
+    assert out[4].finish_reason != "refused" and not out[4].prompt_truncated
+    assert hf_engine.stats["prompts_truncated"] == before["prompts_truncated"] + 1
+    assert hf_engine.stats["prompts_refused"] == before["prompts_refused"] + 1
+    assert "refused request 1 {'id': 'huge'}" in caplog.text and "dropped the first" in caplog.text
+
+
+def test_hf_weight_sync_by_reference_and_by_copy(hf_engine):
+    model = hf_engine.model
+    version = hf_engine.policy_version
+    assert hf_engine.sync_from(model) == 0.0 and hf_engine.policy_version == version + 1
+    greedy = SamplingSpec(temperature=0, max_new_tokens=4)
+    req = [_chat("What is the capital of France?")]
+    before = hf_engine.generate(req, greedy)[0]
+    assert before.policy_version == version + 1
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = {k: (v * 0 if "down_proj" in k else v) for k, v in original.items()}
+    hf_engine.load_weights(broken)
+    assert hf_engine.generate(req, greedy)[0].completion_ids != before.completion_ids
+    hf_engine.load_weights(original.items())
+    assert hf_engine.generate(req, greedy)[0].completion_ids == before.completion_ids
+    with pytest.raises(RolloutError, match="not in the engine's model"):
+        hf_engine.load_weights({"no.such.weight": torch.zeros(1)})
+
+
+def test_sync_from_a_lora_model_serves_the_merged_policy(tiny_model_path):
+    """A peft LoRA policy is synced as base + delta (merged on the fly); the trainer's model stays unmerged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(tiny_model_path), tok)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+        before = engine.model(ids).logits
+        assert (want - before).abs().max() > 1e-3  # the adapter matters
+        engine.sync_from(policy)
+        assert torch.allclose(engine.model(ids).logits, want, atol=1e-4)
+        assert torch.allclose(policy(input_ids=ids).logits, want, atol=1e-5)  # unmerged again
+    names = [n for n, _ in iter_model_weights(policy)]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied: once
+    assert not [n for n in names if "lora_" in n or "base_layer" in n]
+
+
+def test_hf_restores_train_mode(hf_engine):
+    hf_engine.model.train()
+    hf_engine.generate([_chat("Hi")], SamplingSpec(max_new_tokens=2))
+    assert hf_engine.model.training
+    hf_engine.model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ vLLM backend
+def _vllm_available() -> bool:
+    from lanpo_core.rollout_vllm import vllm_status
+
+    return vllm_status()[0]
+
+
+def _vllm_config(dtype: str = "float32") -> RunConfig:
+    cfg = RunConfig()
+    cfg.rollout.backend = "vllm"
+    cfg.rollout.vllm.dtype = dtype
+    cfg.rollout.vllm.max_model_len = 512
+    cfg.rollout.vllm.cpu_kv_cache_gib = 1
+    cfg.rollout.max_prompt_tokens = 256
+    return cfg
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+_CRASH_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {repo!r})
+if __name__ == "__main__":
+    from lanpo_core.rollout import make_engine
+    from lanpo_core.config import RunConfig
+    cfg = RunConfig()
+    cfg.rollout.backend = "vllm"
+    cfg.rollout.vllm.max_model_len = 256
+    cfg.rollout.vllm.cpu_kv_cache_gib = 1
+    engine = make_engine(cfg, {path!r})
+    print("LANPO_PIDS", json.dumps(engine.pids), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_vllm_processes_die_with_a_crashed_caller(tmp_path, smollm2_path):
+    """The caller is SIGKILLed (no close, no atexit): the watchdog must take the engine processes down with it."""
+    import psutil
+
+    if not _vllm_available():
+        pytest.skip("vLLM not usable here")
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(_CRASH_SCRIPT.format(repo=os.getcwd(), path=smollm2_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        for line in proc.stdout:  # vLLM logs to stdout too
+            if line.startswith("LANPO_PIDS "):
+                break
+        else:
+            pytest.fail("the engine did not start in the child")
+        pids = json.loads(line.split(" ", 1)[1])
+        assert len(pids) >= 2 and all(psutil.pid_exists(p) for p in pids)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        alive = pids
+        while alive and time.time() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in pids if _running(p)]
+        assert not alive, f"engine processes {alive} outlived their caller"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(smollm2_path):
+    if not _vllm_available():
+        pytest.skip("vLLM not usable here")
+    engine = make_engine(_vllm_config(), smollm2_path)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ref_model(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_vllm_raw_logprobs_match_a_forward_pass(vllm_engine, ref_model):
+    assert vllm_engine.backend == "vllm" and vllm_engine.logprobs_mode == "raw"
+    out = vllm_engine.generate(_arith([(3, 4), (5, 2), (1, 8)], n=3), SamplingSpec(temperature=0.7, max_new_tokens=12))
+    assert [(c.request_index, c.sample_index) for c in out] == [(i, j) for i in range(3) for j in range(3)]
+    _check_raw_logprobs(ref_model, out)
+
+
+@pytest.mark.slow
+def test_vllm_seeded_per_request(vllm_engine):
+    reqs = _arith([(2, 3), (4, 4), (6, 1)], n=3)
+    s = SamplingSpec(temperature=1.0, max_new_tokens=10, seed=9)
+    a = vllm_engine.generate(reqs, s)
+    b = vllm_engine.generate(reqs, s)
+    alone = vllm_engine.generate(reqs[:1], s)  # same request (and position), smaller batch: same samples
+    other = vllm_engine.generate(reqs, SamplingSpec(temperature=1.0, max_new_tokens=10, seed=10))
+    assert [c.completion_ids for c in a] == [c.completion_ids for c in b]
+    assert [c.completion_ids for c in alone] == [c.completion_ids for c in a[:3]]
+    assert [c.completion_ids for c in a] != [c.completion_ids for c in other]
+    assert len({tuple(c.completion_ids) for c in a[:3]}) > 1  # n samples of one request differ
+
+
+@pytest.mark.slow
+def test_vllm_finish_reasons_and_greedy_n(vllm_engine):
+    eos = vllm_engine.tokenizer.eos_token_id
+    short_a, short_b, long_ = vllm_engine.generate(
+        [_chat("What is 2+2? Answer with only the number.", n=2), _chat("Write a long story about a dragon.")],
+        SamplingSpec(temperature=0, max_new_tokens=24))
+    assert short_a.completion_ids == short_b.completion_ids  # greedy n=2: identical copies
+    assert short_a.finish_reason == "stop" and short_a.completion_ids[-1] == eos
+    assert long_.finish_reason == "length" and len(long_.completion_ids) == 24
+    stop = long_.text[20:26]
+    cut = vllm_engine.generate([_chat("Write a long story about a dragon.")],
+                               SamplingSpec(temperature=0, max_new_tokens=24, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.text == long_.text[: long_.text.index(stop)]
+    assert cut.completion_ids == long_.completion_ids[: len(cut.completion_ids)]
+
+
+@pytest.mark.slow
+def test_vllm_weight_sync_in_place(vllm_engine, ref_model):
+    greedy = SamplingSpec(temperature=0, max_new_tokens=8)
+    req = [_chat("What is the capital of France?")]
+    pids = list(vllm_engine.pids)
+    before = vllm_engine.generate(req, greedy)[0]
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in ref_model.named_parameters() if "down_proj" in n}
+        for n in saved:
+            ref_model.get_parameter(n).zero_()
+    try:
+        secs = vllm_engine.sync_from(ref_model)
+        broken = vllm_engine.generate(req, greedy)[0]
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                ref_model.get_parameter(n).copy_(v)
+    assert broken.completion_ids != before.completion_ids and broken.policy_version == before.policy_version + 1
+    vllm_engine.sync_from(ref_model)
+    again = vllm_engine.generate(req, greedy)[0]
+    assert again.completion_ids == before.completion_ids  # prefix cache was reset: no stale KV from the old weights
+    assert vllm_engine.sync_mode == "inplace" and vllm_engine.pids == pids  # no engine re-creation
+    assert secs < 10  # ~1-2 s here; loose because the CPU is shared
+
+
+@pytest.mark.slow
+def test_vllm_close_leaves_no_process_behind(vllm_engine):
+    import psutil
+
+    pids = list(vllm_engine.pids)
+    assert pids
+    vllm_engine.close()
+    vllm_engine.close()  # idempotent
+    children = psutil.Process().children(recursive=True)
+    assert not [p.pid for p in children if p.pid in pids or "VLLM" in p.name()], "left in our process tree"
+    assert not [p for p in pids if _running(p)], "engine processes survived close()"
+    assert not vllm_engine.sync_dir.exists()
+    with pytest.raises(RuntimeError, match="closed"):
+        vllm_engine.generate(_arith([(1, 1)]), SamplingSpec())

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from .config import LanpoConfig, PromptConfig
-from .verify import EXTRACTORS, answer_in_text, extract_answer, numeric_value
+from .verify import EXTRACTORS, NUMBER_TOKEN, answer_in_text, boxed_spans, extract_answer, numeric_value
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ MARKER_RE = re.compile(
 )
 """Reward and correctness markers: words about being right or wrong, reward/score/verifier talk, check marks."""
 
-# Same tokens as `verify.answer_in_text` sees: LaTeX fractions, thousands-separated and plain numbers, a/b.
-_NUMBER_TOKEN = re.compile(
-    r"\\[dt]?frac\{-?\d+\}\{\d+\}|(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|"
-    r"(?<![\w.])-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?(?![\d])"
-)
 _LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\\displaystyle")
 
 
@@ -184,27 +179,6 @@ def abstraction_solve_messages(problem_text: str, lessons: Sequence[str],
 
 
 # ------------------------------------------------------------------------------------------ redaction
-def _boxed_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of the content of every `\\boxed{...}`/`\\fbox{...}` (balanced braces) or `\\boxed X`."""
-    spans = []
-    for match in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
-        if match.group(1) is None:
-            rest = re.match(r"\s*([^\s$]+)", text[match.end():])
-            if rest:
-                spans.append((match.end() + rest.start(1), match.end() + rest.end(1)))
-            continue
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    spans.append((start, i))
-                    break
-    return spans
-
-
 def answer_candidates(text: str, stored_answer: str | None = None,
                       extraction: Sequence[str] = EXTRACTORS) -> list[str]:
     """Everything that could count as the attempt's own final answer (no gold, no reward involved)."""
@@ -213,7 +187,7 @@ def answer_candidates(text: str, stored_answer: str | None = None,
         answer, _ = extract_answer(text, [name])
         if answer:
             found.append(answer)
-    found.extend(text[a:b].strip() for a, b in _boxed_spans(text))
+    found.extend(text[a:b].strip() for a, b in boxed_spans(text))
     found.extend(m.strip() for m in re.findall(r"####\s*(.+)", text))
     if stored_answer:
         found.append(stored_answer)
@@ -238,7 +212,7 @@ def _hide_value(text: str, candidate: str) -> tuple[str, int]:
                 return HIDDEN
             return m.group(0)
 
-        return _NUMBER_TOKEN.sub(repl, text), count
+        return NUMBER_TOKEN.sub(repl, text), count
     needle = re.sub(r"\s+", "", _LATEX_NOISE.sub("", candidate))
     if not re.search(r"[A-Za-z0-9]", needle):  # "+", "=": nothing answer-like to hide
         return text, 0
@@ -252,7 +226,7 @@ def redact_attempt(text: str, stored_answer: str | None = None,
     the rule looks at the attempt's text only."""
     candidates = answer_candidates(text, stored_answer, extraction)
     count = 0
-    spans = _boxed_spans(text)
+    spans = boxed_spans(text)
     for a, b in reversed(spans):
         text = text[:a] + HIDDEN + text[b:]
         count += 1
@@ -336,6 +310,17 @@ def audit_context(context_text: str, gold: str | None, problem_text: str | None 
     return Audit(not reasons, tuple(reasons), gold_in_problem)
 
 
+def count_audit(counts: Counter, kind: str, audit: Audit) -> None:
+    """Add one audit to `counts`: `<kind>/audited`, `/gold_in_problem`, `/dropped`, `/dropped_<reason>`."""
+    counts[f"{kind}/audited"] += 1
+    if audit.gold_in_problem:
+        counts[f"{kind}/gold_in_problem"] += 1
+    if not audit.ok:
+        counts[f"{kind}/dropped"] += 1
+        for reason in audit.reasons:
+            counts[f"{kind}/dropped_{reason}"] += 1
+
+
 class LeakageGuard:
     """Audits contexts and counts what it saw (`counts`, keys `<kind>/audited`, `<kind>/dropped`, ...)."""
 
@@ -345,16 +330,11 @@ class LeakageGuard:
         self.counts: Counter = Counter()
 
     def check(self, kind: str, context_text: str, gold: str | None, problem_text: str | None) -> Audit:
-        self.counts[f"{kind}/audited"] += 1
         if not self.enabled:
+            self.counts[f"{kind}/audited"] += 1
             return Audit(True)
         audit = audit_context(context_text, gold, problem_text, allow_gold_in_problem=self.allow_gold_in_problem)
-        if audit.gold_in_problem:
-            self.counts[f"{kind}/gold_in_problem"] += 1
-        if not audit.ok:
-            self.counts[f"{kind}/dropped"] += 1
-            for reason in audit.reasons:
-                self.counts[f"{kind}/dropped_{reason}"] += 1
+        count_audit(self.counts, kind, audit)
         return audit
 
 
@@ -446,23 +426,13 @@ class FeedbackBuilder:
                 shown.append(text)
             messages, context_text = reflection_messages(p.question, shown, self.prompts)
             audit = self.guard.check("reflection", context_text, p.answer, p.question)
-            self._count_audit(batch, "reflection", audit)
+            count_audit(batch.stats, "reflection", audit)
             if not audit.ok:
                 continue
             batch.contexts[(p.id, "reflection")] = FeedbackContext(
                 p.id, "reflection", messages, tuple(a.uid for a in attempts), context_text)
             batch.stats["reflection/built"] += 1
         return batch
-
-    @staticmethod
-    def _count_audit(batch: FeedbackBatch, kind: str, audit: Audit) -> None:
-        batch.stats[f"{kind}/audited"] += 1
-        if audit.gold_in_problem:
-            batch.stats[f"{kind}/gold_in_problem"] += 1
-        if not audit.ok:
-            batch.stats[f"{kind}/dropped"] += 1
-            for reason in audit.reasons:
-                batch.stats[f"{kind}/dropped_{reason}"] += 1
 
     # ------------------------------------------------------------------------------------ abstraction
     def abstraction(self, problems: Sequence[Any], step: int, policy_version: int | None = None) -> FeedbackBatch:
@@ -502,7 +472,7 @@ class FeedbackBuilder:
                 continue
             messages, context_text = abstraction_solve_messages(p.question, lessons, self.prompts)
             audit = self.guard.check("abstraction", context_text, p.answer, p.question)
-            self._count_audit(batch, "abstraction", audit)
+            count_audit(batch.stats, "abstraction", audit)
             if not audit.ok:
                 continue
             batch.contexts[(p.id, "abstraction")] = FeedbackContext(

@@ -43,14 +43,15 @@ STARTUP_TIMEOUT = 60.0
 
 
 # ------------------------------------------------------------------------------------------- extraction
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`/`\\fbox{...}` (nested braces balanced), or `\\boxed X` without braces."""
-    best: str | None = None
+def boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the content of every `\\boxed{...}`/`\\fbox{...}` (nested braces balanced; an unclosed one
+    is skipped) or of the token after a brace-less `\\boxed X`."""
+    spans = []
     for match in re.finditer(r"\\(?:boxed|fbox)\s*(\{)?", text):
         if match.group(1) is None:  # `\boxed 5`
             rest = re.match(r"\s*([^\s$]+)", text[match.end():])
             if rest:
-                best = rest.group(1)
+                spans.append((match.end() + rest.start(1), match.end() + rest.end(1)))
             continue
         depth, start = 1, match.end()
         for i in range(start, len(text)):
@@ -59,9 +60,15 @@ def last_boxed(text: str) -> str | None:
             elif text[i] == "}":
                 depth -= 1
                 if depth == 0:
-                    best = text[start:i].strip()
+                    spans.append((start, i))
                     break
-    return best
+    return spans
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`/`\\fbox{...}`, or of `\\boxed X` without braces."""
+    spans = boxed_spans(text)
+    return text[spans[-1][0]:spans[-1][1]].strip() if spans else None
 
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+"
@@ -142,7 +149,7 @@ def _strip_latex_noise(s: str) -> str:
     return re.sub(r"\\[dt]frac", r"\\frac", s)
 
 
-_TEXT_NUMBER = re.compile(r"\\[dt]?frac\{-?\d+\}\{\d+\}|(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|"
+NUMBER_TOKEN = re.compile(r"\\[dt]?frac\{-?\d+\}\{\d+\}|(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|"
                           r"(?<![\w.])-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?(?![\d])")
 
 
@@ -156,7 +163,7 @@ def answer_in_text(gold: str, text: str) -> bool:
         return False
     value = numeric_value(gold)
     if value is not None:
-        for match in _TEXT_NUMBER.finditer(text):
+        for match in NUMBER_TOKEN.finditer(text):
             found = numeric_value(match.group(0).replace(" ", ""))
             if found is not None and found == value:
                 return True

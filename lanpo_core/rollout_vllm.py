@@ -143,11 +143,12 @@ def _check_main_guard() -> None:
 
 # ------------------------------------------------------------------------------------------------ process hygiene
 _WATCHDOG = r"""
-import os, sys, time
-ppid = int(sys.argv[1])
-targets = [tuple(x.split(":")) for x in sys.argv[2:]]
+import os, shutil, sys, time
+ppid, sync_dir = int(sys.argv[1]), sys.argv[2]
+targets = [tuple(x.split(":")) for x in sys.argv[3:]]
 while os.getppid() == ppid:
     time.sleep(0.5)
+shutil.rmtree(sync_dir, ignore_errors=True)
 import psutil
 procs = []
 for pid, created in targets:
@@ -293,7 +294,12 @@ class VllmEngine(_EngineBase):
     def _start_watchdog(self) -> None:
         self._stop_watchdog()
         targets = []
+        # not the resource tracker: once the engine processes are gone it exits by itself, unlinking the shared
+        # memory they leaked (killing it would leak that memory instead)
+        tracker = _tracker_pid()
         for p in self._procs:
+            if p.pid == tracker:
+                continue
             try:
                 targets.append(f"{p.pid}:{p.create_time()}")
             except Exception:
@@ -301,8 +307,9 @@ class VllmEngine(_EngineBase):
         if not targets:
             return
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *targets], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.sync_dir), *targets],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True)
 
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -409,17 +416,20 @@ class VllmEngine(_EngineBase):
 
     def _load_weights(self, items: Iterable[tuple[str, Any]]) -> None:
         folder = self._write_weights(items)
-        if self.sync_mode == "inplace":
-            try:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
-                                                                  "is_checkpoint_format": True})
-                self.llm.reset_prefix_cache()
-                return
-            except Exception as e:
-                log.warning("in-place vLLM weight reload failed (%s: %s); re-creating the engine for this and every "
-                            "later sync (about 30 s each)", type(e).__name__, e)
-                self.sync_mode = "recreate"
-        self._recreate(folder)
+        try:
+            if self.sync_mode == "inplace":
+                try:
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
+                                                                      "is_checkpoint_format": True})
+                    self.llm.reset_prefix_cache()
+                    return
+                except Exception as e:
+                    log.warning("in-place vLLM weight reload failed (%s: %s); re-creating the engine for this and "
+                                "every later sync (about 30 s each)", type(e).__name__, e)
+                    self.sync_mode = "recreate"
+            self._recreate(folder)
+        finally:  # loaded: free the RAM the file takes in /dev/shm
+            (folder / "model.safetensors").unlink(missing_ok=True)
 
     def _recreate(self, folder: Path) -> None:
         for name in _CONFIG_FILES:

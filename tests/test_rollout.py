@@ -376,7 +376,9 @@ if __name__ == "__main__":
     cfg.rollout.vllm.max_model_len = 256
     cfg.rollout.vllm.cpu_kv_cache_gib = 1
     engine = make_engine(cfg, {path!r})
-    print("LANPO_PIDS", json.dumps(engine.pids), flush=True)
+    engine.sync_from(__import__("transformers").AutoModelForCausalLM.from_pretrained({path!r}))
+    (engine.sync_dir / "in-use").write_text("x")
+    print("LANPO_PIDS", json.dumps([engine.pids, str(engine.sync_dir)]), flush=True)
     time.sleep(600)
 """
 
@@ -398,7 +400,8 @@ def test_vllm_processes_die_with_a_crashed_caller(tmp_path, smollm2_path):
                 break
         else:
             pytest.fail("the engine did not start in the child")
-        pids = json.loads(line.split(" ", 1)[1])
+        pids, sync_dir = json.loads(line.split(" ", 1)[1])
+        assert os.path.isdir(sync_dir)
         assert len(pids) >= 2 and all(psutil.pid_exists(p) for p in pids)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -408,6 +411,7 @@ def test_vllm_processes_die_with_a_crashed_caller(tmp_path, smollm2_path):
             time.sleep(0.5)
             alive = [p for p in pids if _running(p)]
         assert not alive, f"engine processes {alive} outlived their caller"
+        assert not os.path.exists(sync_dir), "the weight-sync folder outlived the caller"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -490,6 +494,7 @@ def test_vllm_weight_sync_in_place(vllm_engine, ref_model):
     again = vllm_engine.generate(req, greedy)[0]
     assert again.completion_ids == before.completion_ids  # prefix cache was reset: no stale KV from the old weights
     assert vllm_engine.sync_mode == "inplace" and vllm_engine.pids == pids  # no engine re-creation
+    assert not list(vllm_engine.sync_dir.iterdir())  # the weights file (RAM in /dev/shm) is freed after loading
     assert secs < 10  # ~1-2 s here; loose because the CPU is shared
 
 

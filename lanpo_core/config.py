@@ -252,7 +252,8 @@ class AbstractionConfig(_Section):
     max_lessons: int = Field(3, ge=1, le=10)
     """Most lessons the abstractor may write."""
     abstractor: str = "policy"
-    """`policy` (the current policy) or a model spec for a separate fixed abstractor."""
+    """`policy` (the current policy), a model spec for a separate fixed abstractor, or `extractive` (no model: the
+    number-free statements that recur in the retrieved problems' texts; see lanpo_core/feedback.py)."""
     max_new_tokens: int = Field(192, ge=16)
     """Token budget of the abstractor's answer."""
     source_choice: Literal["earliest", "latest"] = "earliest"
@@ -360,6 +361,10 @@ class EvalConfig(_Section):
     """Token budget for evaluation answers."""
     limit: int | None = Field(None, ge=1)
     """Evaluate at most N problems per benchmark."""
+    feedback: bool = False
+    """Also report feedback-augmented greedy pass@1 (METHOD.md step 9, secondary): abstraction lessons made from the
+    training pool's experiences of similar problems, never from the test problem; the pool is only read. Costs one
+    abstractor call per new source set plus one greedy pass. Off by default (opt-in, like every addition)."""
 
 
 # --------------------------------------------------------------------------------------- tracking, paths

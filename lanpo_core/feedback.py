@@ -45,6 +45,11 @@ yielded no usable lesson is not cached (asked again next time).
 
 The abstractor is any `Abstractor`: a callable taking a batch of chat messages and returning one text per
 conversation. The flow plugs in the rollout engine (the current policy, or a fixed model); tests use a fake.
+`abstraction.abstractor: extractive` uses no model at all (`extractive_lessons`): the lessons are the statements
+that recur, word for word, in the problem texts of at least two retrieved experiences and hold no number. It cannot
+generalise a method, but it is deterministic, free, and carries a convention that related problems state and the
+current one leaves out; bench/mechanism.py uses it to check the abstraction mechanism independently of how well a
+tiny model summarises.
 """
 
 from __future__ import annotations
@@ -287,6 +292,29 @@ def parse_lessons(text: str, max_lessons: int) -> tuple[list[str], int]:
     return lessons, stripped
 
 
+def _sentences(text: str) -> list[str]:
+    """Distinct sentences in order of appearance (an ordered result keeps lessons identical across processes)."""
+    found = (re.sub(r"\s+", " ", s).strip() for s in re.split(r"(?<=[.!?])\s+", text or ""))
+    return list(dict.fromkeys(s for s in found if s))
+
+
+def extractive_lessons(problem_texts: Sequence[str], max_lessons: int, known: str = "") -> list[str]:
+    """Statements (not questions) found in >= 2 of the problem texts, with no digit and not already in `known` (the
+    problem the lessons are for: repeating its own text teaches nothing), most frequent first."""
+    seen: Counter = Counter()
+    first: dict[str, int] = {}
+    skip = set(_sentences(known))
+    for text in problem_texts:
+        for sentence in _sentences(text):
+            if sentence.endswith("?") or sentence in skip or re.search(r"\d", sentence):
+                continue
+            seen[sentence] += 1
+            first.setdefault(sentence, len(first))
+    recurring = [s for s, n in seen.items() if n >= 2]
+    recurring.sort(key=lambda s: (-seen[s], first[s]))
+    return parse_lessons("\n".join(f"- {s}" for s in recurring), max_lessons)[0]
+
+
 # ---------------------------------------------------------------------------------------------- guard
 @dataclass(frozen=True)
 class Audit:
@@ -387,8 +415,10 @@ class FeedbackBuilder:
     def __init__(self, pool: Any, lanpo: LanpoConfig | None = None, prompts: PromptConfig | None = None,
                  abstractor: Abstractor | None = None, *, abstractor_name: str | None = None,
                  extraction: Sequence[str] = EXTRACTORS, seed: int = 0,
-                 guard: LeakageGuard | None = None) -> None:
+                 guard: LeakageGuard | None = None, store_lessons: bool = True) -> None:
         self.pool = pool
+        self.store_lessons = store_lessons
+        """False: new lessons are used but not staged in the pool (evaluation reads the training pool, never writes)."""
         self.lanpo = lanpo or LanpoConfig()
         self.prompts = prompts or PromptConfig()
         self.abstractor = abstractor
@@ -435,7 +465,9 @@ class FeedbackBuilder:
         return batch
 
     # ------------------------------------------------------------------------------------ abstraction
-    def abstraction(self, problems: Sequence[Any], step: int, policy_version: int | None = None) -> FeedbackBatch:
+    def abstraction(self, problems: Sequence[Any], step: int | None,
+                    policy_version: int | None = None) -> FeedbackBatch:
+        """Abstraction contexts from experiences written before `step` (None: the whole pool, as evaluation reads it)."""
         cfg = self.lanpo.abstraction
         batch = FeedbackBatch()
         sources: dict[str, list[Any]] = {}
@@ -485,10 +517,15 @@ class FeedbackBuilder:
         cfg = self.lanpo.abstraction
         if not requests:
             return {}
+        keys = list(requests)
+        if self.abstractor_name == "extractive":
+            texts = ["\n".join(f"- {x}" for x in extractive_lessons([e.problem_text for e in requests[k][1]],
+                                                                     cfg.max_lessons, requests[k][0].question))
+                     for k in keys]
+            return self._store(requests, keys, texts, batch, step, policy_version)
         if self.abstractor is None:
             batch.stats["abstraction/no_abstractor"] += len(requests)
             return {}
-        keys = list(requests)
         conversations = [
             abstraction_request_messages([(e.problem_text, e.response) for e in requests[k][1]], cfg.max_lessons,
                                          self.prompts, cfg.max_experience_chars)
@@ -503,6 +540,11 @@ class FeedbackBuilder:
             return {}
         if len(texts) != len(conversations):
             raise ValueError(f"the abstractor returned {len(texts)} texts for {len(conversations)} conversations")
+        return self._store(requests, keys, texts, batch, step, policy_version)
+
+    def _store(self, requests: dict[str, tuple[Any, list[Any]]], keys: list[str], texts: Sequence[str],
+               batch: FeedbackBatch, step: int, policy_version: int | None) -> dict[str, list[str]]:
+        cfg = self.lanpo.abstraction
         out: dict[str, list[str]] = {}
         for key, text in zip(keys, texts):
             lessons, stripped = parse_lessons(text or "", cfg.max_lessons)
@@ -510,9 +552,10 @@ class FeedbackBuilder:
             if not lessons:
                 continue
             problem, exps = requests[key]
-            self.pool.put_lessons([e.uid for e in exps], lessons, step=step, problem_id=problem.id,
-                                  problem_text=problem.question, producer=self.abstractor_name,
-                                  policy_version=policy_version)
+            if self.store_lessons:
+                self.pool.put_lessons([e.uid for e in exps], lessons, step=step, problem_id=problem.id,
+                                      problem_text=problem.question, producer=self.abstractor_name,
+                                      policy_version=policy_version)
             batch.stats["abstraction/lessons_generated"] += 1
             out[key] = lessons
         return out

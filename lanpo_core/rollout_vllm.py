@@ -280,6 +280,14 @@ class VllmEngine(_EngineBase):
             logprobs_mode="processed_logprobs" if self.logprobs_mode == "processed" else "raw_logprobs")
         if _on_gpu():
             kwargs["gpu_memory_utilization"] = self.vcfg.gpu_memory_utilization
+        else:
+            # With chunked prefill, a prompt cut at the token budget has its sampled token discarded and vLLM rewinds
+            # that request's seeded generator with `set_offset`, which CPU generators do not support: the engine dies
+            # ("CPU Generator does not use offset") as soon as one step's prompts exceed the budget (4,096 tokens,
+            # e.g. 64 seeded prompts of 80 tokens). Without chunking, a prompt that does not fit waits for the next
+            # step whole; the budget must then hold the longest sequence.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(4096, self.vcfg.max_model_len))
         try:
             self.llm = LLM(**kwargs)
         finally:

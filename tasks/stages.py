@@ -21,7 +21,7 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from lanpo_core.evaluate import evaluate_zero_shot
+from lanpo_core.evaluate import evaluate_with_feedback, evaluate_zero_shot
 from lanpo_core.feedback import FeedbackBatch, FeedbackBuilder
 from lanpo_core.rollout import RolloutRequest, SamplingSpec
 from lanpo_core.step import (Rollout, plain_prompt_ids, plan_requests, pool_records, problems_for_step,
@@ -55,12 +55,17 @@ def _abstractor(run: RunHandle, step: int):
     """Lessons come from the abstractor engine, greedily (deterministic, the model's best summary)."""
     res = resources(run)
     cfg = res.cfg
+    if cfg.lanpo.abstraction.abstractor == "extractive":
+        return None
 
     def write_lessons(conversations):
         sampling = SamplingSpec.from_config(cfg, seed=step, temperature=0.0,
                                             max_new_tokens=cfg.lanpo.abstraction.max_new_tokens)
         requests = [RolloutRequest(messages=m, n=1) for m in conversations]
-        return [c.text for c in res.abstractor_engine.generate(requests, sampling)]
+        completions = res.abstractor_engine.generate(requests, sampling)
+        write_lessons.tokens += sum(len(c.completion_ids) for c in completions)
+        return [c.text for c in completions]
+    write_lessons.tokens = 0  # generated lesson tokens: part of what LANPO costs over GRPO
     return write_lessons
 
 
@@ -74,13 +79,19 @@ def build_feedback(run: RunHandle, step: int, policy: PolicyRef, pool_version: i
     kinds = [k for k in ("reflection", "abstraction") if counts[k]]
     if not kinds:
         return FeedbackBatch()
-    started = time.perf_counter()
     if "abstraction" in kinds and cfg.lanpo.abstraction.abstractor == "policy":
         res.ensure_policy(policy)
-    builder = FeedbackBuilder(res.pool, cfg.lanpo, cfg.prompts, _abstractor(run, step),
+    abstractor = _abstractor(run, step)
+    builder = FeedbackBuilder(res.pool, cfg.lanpo, cfg.prompts, abstractor,
                               extraction=cfg.verify.extraction, seed=cfg.seed)
-    batch = builder.build(_step_problems(run, step), step, kinds, policy_version=policy.step)
-    _log(mlflow_run_id, {**batch.metrics(), "time/feedback_seconds": time.perf_counter() - started}, step)
+    problems = _step_problems(run, step)
+    batch, extra = FeedbackBatch(), {}
+    for kind in kinds:  # timed apart: abstraction pays for the abstractor's generation, reflection only for lookups
+        started = time.perf_counter()
+        batch.update(builder.build(problems, step, [kind], policy_version=policy.step))
+        extra[f"time/{kind}_seconds"] = time.perf_counter() - started
+    extra["feedback/abstractor_tokens"] = float(abstractor.tokens if abstractor else 0)
+    _log(mlflow_run_id, {**batch.metrics(), **extra}, step)
     return batch
 
 
@@ -124,8 +135,10 @@ def write_pool(run: RunHandle, step: int, rollouts: list[Rollout], feedback: Fee
         if context.kind == "abstraction" and context.lessons and pool.get_lessons(context.source_ids) is None:
             p = problems[context.problem_id]
             pool.put_lessons(context.source_ids, context.lessons, step=step, problem_id=p.id, problem_text=p.question)
+    started = time.perf_counter()
     report = pool.write_step(step, pool_records(rollouts, list(problems.values())))
-    _log(mlflow_run_id, {**report.as_metrics(), "pool/rows": pool.count()}, step)
+    _log(mlflow_run_id, {**report.as_metrics(), "pool/rows": pool.count(),
+                         "time/pool_seconds": time.perf_counter() - started}, step)
     if mlflow_run_id and res.cfg.tracking.log_rollout_samples:
         sample = [{**r.as_dict(), "prompt_ids": None, "completion_ids": None, "logprobs": None,
                    "context": (feedback.get(r.problem_id, r.kind).context_text
@@ -157,7 +170,8 @@ def update_policy(run: RunHandle, step: int, policy: PolicyRef, rollouts: list[R
         res.engine.sync_from(updater.model)
     res.policy = new
     _log(mlflow_run_id, {**{f"update/{k}": v for k, v in metrics.items()}, "update/unusable_groups": unusable,
-                         "time/update_seconds": seconds}, step)
+                         "time/update_seconds": seconds,
+                         "time/sync_seconds": time.perf_counter() - started - seconds}, step)
     return new
 
 
@@ -166,10 +180,19 @@ def evaluate_policy(run: RunHandle, policy: PolicyRef, mlflow_run_id: str | None
     """Zero-shot accuracy of `policy` on the held-out benchmarks; predictions saved under the run folder."""
     res = resources(run)
     res.ensure_policy(policy)
+    cfg = res.cfg
     started = time.perf_counter()
-    metrics, predictions = evaluate_zero_shot(res.engine, res.eval_problems, res.cfg, res.verifier,
-                                              seed=res.cfg.seed)
+    metrics, predictions = evaluate_zero_shot(res.engine, res.eval_problems, cfg, res.verifier, seed=cfg.seed)
     metrics["time/eval_seconds"] = time.perf_counter() - started
+    if cfg.eval.feedback:
+        started = time.perf_counter()
+        builder = FeedbackBuilder(res.pool, cfg.lanpo, cfg.prompts, _abstractor(run, policy.step),
+                                  extraction=cfg.verify.extraction, seed=cfg.seed, store_lessons=False)
+        more, feedback_predictions = evaluate_with_feedback(res.engine, res.eval_problems, cfg, res.verifier,
+                                                            builder, seed=cfg.seed)
+        metrics.update(more)
+        predictions += feedback_predictions
+        metrics["time/eval_feedback_seconds"] = time.perf_counter() - started
     path = res.handle.run_dir + f"/eval/step-{policy.step:05d}.jsonl"
     import os
 

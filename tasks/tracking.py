@@ -133,7 +133,8 @@ def log_curves(run_id: str, prefixes: tuple[str, ...] = ("rollout/reward_", "eva
 
     client = MlflowClient()
     keys = sorted(client.get_run(run_id).data.metrics)
-    panels = [(p, [k for k in keys if k.startswith(p) and "/time" not in k and "unusable" not in k])
+    panels = [(p, [k for k in keys if k.startswith(p) and "/time" not in k and "unusable" not in k
+                   and "/feedback/" not in k])
               for p in prefixes]
     panels = [(p, ks) for p, ks in panels if ks]
     if not panels:

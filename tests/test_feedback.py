@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lanpo_core.config import LanpoConfig, PromptConfig
 from lanpo_core.data import Problem, problem_id
 from lanpo_core.feedback import (HIDDEN, MARKER_RE, FeedbackBuilder, LeakageGuard, abstraction_request_messages,
-                                 abstraction_solve_messages, audit_context, parse_lessons, prepare_attempt,
+                                 abstraction_solve_messages, audit_context, extractive_lessons, parse_lessons, prepare_attempt,
                                  reflection_messages, render_chat, solve_messages)
 from lanpo_core.pool import ExperiencePool, RolloutRecord
 from lanpo_core.verify import answer_in_text, extract_answer, numeric_value
@@ -328,3 +328,40 @@ def test_abstraction_without_sources_or_abstractor_falls_back(abstraction_setup)
     empty = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor("1. Add 2 and 3.")).abstraction(problems[:3], 1)
     assert empty.stats["abstraction/no_lessons"] == 3 and empty.stats["abstraction/lessons_stripped"] == 3
     assert pool.get_lessons(["nothing"]) is None
+
+
+def test_extractive_lessons_keep_recurring_number_free_statements():
+    texts = ["At the Lumen market, prices are in cents. A pen costs 3 dollars. What is its price?",
+             "A cup costs 5 dollars.  At the Lumen market, prices are in cents. What does it cost there?",
+             "At the Lumen market, prices are in cents. Bring a bag. A hat costs 2 dollars.",
+             "Bring a bag. What does it cost there? A hat costs 2 dollars."]
+    assert extractive_lessons(texts, 3) == ["At the Lumen market, prices are in cents.", "Bring a bag."]
+    assert extractive_lessons(texts, 1) == ["At the Lumen market, prices are in cents."]
+    assert extractive_lessons(texts[:1], 3) == []
+    assert extractive_lessons(texts, 3, known="Bring a bag. What now?") == ["At the Lumen market, prices are in cents."]
+
+
+def lumen(item: str, dollars: int, stated: bool) -> Problem:
+    rule = "At the Lumen market, prices are written in cents. " if stated else "At the Lumen market, "
+    return prob(f"{rule}{'A' if stated else 'a'} {item} costs {dollars} dollars. What is the price of the {item}?",
+                str(100 * dollars), "lumen")
+
+
+def test_extractive_abstractor_and_read_only_builder(tmp_path, embedder):
+    family = [lumen(item, d, True) for item, d in (("pen", 3), ("lamp", 7), ("hat", 2), ("drum", 9))]
+    target = lumen("kite", 6, False)
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, f"That is {p.answer} cents.", 1.0) for p in family])
+    lanpo = LanpoConfig()
+    lanpo.abstraction.abstractor = "extractive"
+    lanpo.abstraction.min_similarity = 0.5  # MiniLM puts these at 0.52-0.62: the item names weigh a lot
+    # evaluation reads the pool: the lessons are used, not stored
+    read_only = FeedbackBuilder(pool, lanpo, store_lessons=False).abstraction([target], None)
+    ctx = read_only.get(target.id, "abstraction")
+    assert ctx is not None and ctx.lessons == ("At the Lumen market, prices are written in cents.",)
+    assert len(ctx.source_ids) == 4 and pool.get_lessons(ctx.source_ids) is None
+    assert read_only.stats["abstraction/audited"] == 1 and read_only.stats["abstraction/dropped"] == 0
+    # training stores them, keyed by their sources, like any abstractor's
+    stored = FeedbackBuilder(pool, lanpo).abstraction([target], 1)
+    assert stored.get(target.id, "abstraction").lessons == ctx.lessons
+    assert pool.get_lessons(ctx.source_ids) == list(ctx.lessons)

@@ -44,7 +44,7 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     from flows.train import lanpo_train
     from lanpo_core.pool import ExperiencePool
 
-    overrides = tiny_overrides(tiny_model_path, tmp_path / "runs")
+    overrides = tiny_overrides(tiny_model_path, tmp_path / "runs") + ["eval.feedback=true"]
     state = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -67,6 +67,19 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert run.data.metrics["pool/rows"] == 32.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mix/plain")] == [0, 1]
     assert "update/loss" in run.data.metrics and "eval/arithmetic-heldout/greedy" in run.data.metrics
+    for stage in ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync", "eval",
+                  "eval_feedback"):
+        assert run.data.metrics[f"time/{stage}_seconds"] > 0
+    # Feedback-augmented evaluation: one greedy answer per test problem, recomputable from the saved predictions.
+    from lanpo_core.evaluate import accuracy_from_predictions
+
+    predictions = [json.loads(x) for x in (Path(summary["run_dir"]) / "eval" / "step-00002.jsonl").open()]
+    feedback = [p for p in predictions if p["mode"] == "feedback_greedy"]
+    assert len(feedback) == 4 and {p["mode"] for p in predictions} == {"sampled", "greedy", "feedback_greedy"}
+    recomputed = accuracy_from_predictions(predictions, k=1)
+    for key in ("feedback_greedy", "feedback_coverage", "greedy"):
+        assert run.data.metrics[f"eval/arithmetic-heldout/{key}"] == pytest.approx(recomputed[f"eval/arithmetic-heldout/{key}"])
+    assert run.data.metrics["eval/arithmetic-heldout/feedback_coverage"] == sum(p["context"] for p in feedback) / 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config.json", "curves.png", "rollouts", "eval"} <= artifacts
     rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",

@@ -456,6 +456,20 @@ def test_vllm_seeded_per_request(vllm_engine):
 
 
 @pytest.mark.slow
+def test_vllm_seeded_batch_larger_than_the_token_budget(vllm_engine):
+    # 48 distinct prompts of ~150 tokens (> the 4,096-token step budget): with chunked prefill on, the CPU engine
+    # died rewinding a seeded generator of the prompt cut at the budget.
+    filler = " ".join(f"item{k}" for k in range(60))
+    reqs = [RolloutRequest(messages=[{"role": "user", "content": f"Problem {i}: {filler}. What is {i} + 1?"}], n=2)
+            for i in range(48)]
+    s = SamplingSpec(temperature=1.0, max_new_tokens=4, seed=3)
+    out = vllm_engine.generate(reqs, s)
+    assert sum(len(c.prompt_ids) for c in out[::2]) > 4096
+    assert len(out) == 96 and all(c.completion_ids for c in out)
+    assert [c.completion_ids for c in vllm_engine.generate(reqs[:2], s)] == [c.completion_ids for c in out[:4]]
+
+
+@pytest.mark.slow
 def test_vllm_finish_reasons_and_greedy_n(vllm_engine):
     eos = vllm_engine.tokenizer.eos_token_id
     short_a, short_b, long_ = vllm_engine.generate(

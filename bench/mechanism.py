@@ -1,0 +1,196 @@
+"""Mechanism check for relevant abstraction (issue #7): does information that only *related* problems carry reach a
+problem's rollouts through the pool, and raise their reward, without leaking the problem's own answer?
+
+    .venv/bin/python bench/mechanism.py [--stated 16] [--targets 32] [--g 8] [--out bench/results/mechanism.json]
+
+The task family ("Lumen result"): "What is the Lumen result of 7 and 2?", where the Lumen result of two numbers is
+their sum. *Stated* problems say so first ("The Lumen result of two numbers is their sum."); *target* problems
+leave it out, so a plain rollout has to guess what a Lumen result is. The convention is one the 135M model can
+apply once told (one-digit sums); conventions it cannot apply even when the problem states them were tried first
+and dropped: prices in cents (2% stated vs 2% not), the number after a keyword (0.07 with the lesson vs 0.06
+without), debts as negative numbers (0.01 vs 0.00). No lesson may contain a number, and the guard checks every
+context against the target's gold.
+
+Steps, with the real pipeline pieces (bundled SmolLM2-135M-Instruct through the rollout engine of
+configs/tiny-cpu.yaml, the verifier, a LanceDB pool with MiniLM embeddings, `FeedbackBuilder` and its guard):
+1. G plain rollouts per stated problem are scored and written to the pool (step 0), as a training step would.
+2. For each target: G plain rollouts, and G abstraction rollouts whose lessons come from the pool's experiences of
+   similar *other* problems (the config's threshold, top-k and duplicate rule), with two abstractors:
+   `extractive` (no model: the number-free statements that recur in the retrieved problems, so the result does not
+   depend on how well a 135M model summarises) and `policy` (the tiny model itself writes the lessons, as in a
+   default run).
+The pool is only read in step 2 (`store_lessons=False`), so both abstractors see the same pool.
+Pass: abstraction-conditioned rollouts score higher than plain ones with the extractive abstractor, and the guard
+drops nothing and no context holds the target's gold answer (checked again here, independently of the guard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RULE = "The Lumen result of two numbers is their sum."
+
+
+def lumen_family(stated: int, targets: int, seed: int = 0):
+    """(stated problems, target problems), all distinct, operands 2..9."""
+    from lanpo_core.data import Problem, problem_id
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def make(with_rule: bool) -> Problem:
+        while True:
+            a, b = rng.sample(range(2, 10), 2)
+            question = (f"{RULE} " if with_rule else "") + f"What is the Lumen result of {a} and {b}?"
+            if question not in seen:
+                seen.add(question)
+                label = "lumen-stated" if with_rule else "lumen-target"
+                return Problem(problem_id(label, question), question, str(a + b), label, {})
+    return [make(True) for _ in range(stated)], [make(False) for _ in range(targets)]
+
+
+def rollouts(engine, problems, messages_for, n: int, sampling, verifier) -> list[dict]:
+    from lanpo_core.rollout import RolloutRequest
+
+    requests = [RolloutRequest(messages=m, n=n, tags={"problem_id": p.id})
+                for p in problems if (m := messages_for(p)) is not None]
+    completions = engine.generate(requests, sampling)
+    by_id = {p.id: p for p in problems}
+    scores = verifier.score_batch((c.text, by_id[c.tags["problem_id"]].answer) for c in completions)
+    return [{"problem_id": c.tags["problem_id"], "text": c.text, "reward": s.reward, "extracted": s.extracted}
+            for c, s in zip(completions, scores)]
+
+
+def mean_reward(rows: list[dict]) -> float:
+    rewards = [r["reward"] for r in rows if r["reward"] is not None]
+    return statistics.fmean(rewards) if rewards else float("nan")
+
+
+def run(stated: int, targets: int, g: int, seed: int, config: str,
+        abstractors: tuple[str, ...] = ("extractive", "policy")) -> dict:
+    from lanpo_core.config import load_config
+    from lanpo_core.feedback import FeedbackBuilder, solve_messages
+    from lanpo_core.models import load_embedder
+    from lanpo_core.pool import ExperiencePool, RolloutRecord
+    from lanpo_core.rollout import RolloutRequest, SamplingSpec, make_engine
+    from lanpo_core.verify import Verifier, answer_in_text
+
+    cfg = load_config(config, [f"seed={seed}"])
+    known, unknown = lumen_family(stated, targets, seed)
+    sampling = SamplingSpec.from_config(cfg, seed=seed)
+    timings: dict[str, float] = {}
+    with make_engine(cfg) as engine, Verifier.from_config(cfg.verify) as verifier, \
+            tempfile.TemporaryDirectory() as tmp:
+        pool = ExperiencePool(Path(tmp) / "pool", "mechanism", embedder=load_embedder(cfg.pool.embedding_model))
+        started = time.perf_counter()
+        seen = rollouts(engine, known, lambda p: solve_messages(p.question, cfg.prompts), g, sampling, verifier)
+        by_id = {p.id: p for p in known}
+        counter: dict[str, int] = {}
+        records = []
+        for r in seen:
+            i = counter[r["problem_id"]] = counter.get(r["problem_id"], -1) + 1
+            records.append(RolloutRecord.for_problem(by_id[r["problem_id"]], rollout_index=i, kind="plain",
+                                                     response=r["text"], reward=r["reward"],
+                                                     extracted_answer=r["extracted"]))
+        pool.write_step(0, records)
+        plain = rollouts(engine, unknown, lambda p: solve_messages(p.question, cfg.prompts), g, sampling, verifier)
+        timings["pool_and_plain_seconds"] = time.perf_counter() - started
+
+        def policy_abstractor(conversations):
+            lesson_sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0,
+                                                       max_new_tokens=cfg.lanpo.abstraction.max_new_tokens)
+            return [c.text for c in engine.generate([RolloutRequest(messages=m, n=1) for m in conversations],
+                                                    lesson_sampling)]
+
+        results = []
+        for name in abstractors:
+            started = time.perf_counter()
+            lanpo = cfg.lanpo.model_copy(deep=True)
+            lanpo.abstraction.abstractor = name
+            builder = FeedbackBuilder(pool, lanpo, cfg.prompts, None if name == "extractive" else policy_abstractor,
+                                      extraction=cfg.verify.extraction, seed=seed, store_lessons=False)
+            batch = builder.abstraction(unknown, step=None)
+            contexts = {p.id: batch.get(p.id, "abstraction") for p in unknown}
+            leaks = sum(answer_in_text(c.context_text, p.answer) for p in unknown if (c := contexts[p.id]))
+            rows = rollouts(engine, unknown, lambda p: contexts[p.id].messages if contexts[p.id] else None, g,
+                            sampling, verifier)
+            with_context = {pid for pid, c in contexts.items() if c}
+            results.append({
+                "abstractor": name,
+                "rollouts_per_kind": g * len(with_context),
+                "reward_plain": mean_reward([r for r in plain if r["problem_id"] in with_context]),
+                "reward_plain_all_targets": mean_reward(plain),
+                "reward_abstraction": mean_reward(rows),
+                "contexts": len(with_context),
+                "targets": len(unknown),
+                "guard_audited": int(batch.stats["abstraction/audited"]),
+                "guard_dropped": int(batch.stats["abstraction/dropped"]),
+                "gold_in_context_recheck": int(leaks),
+                "no_source": int(batch.stats["abstraction/no_source"]),
+                "lessons": sorted({x for c in contexts.values() if c for x in c.lessons}),
+                "examples": [{"lessons": list(contexts[r["problem_id"]].lessons), "answer": r["text"][:200],
+                              "reward": r["reward"]} for r in rows[: 2 * g : g]],
+                "seconds": time.perf_counter() - started,
+            })
+    ext = results[0]
+    passed = (ext["abstractor"] == "extractive" and ext["contexts"] > 0
+              and ext["reward_abstraction"] > ext["reward_plain"]
+              and all(r["guard_dropped"] == 0 and r["gold_in_context_recheck"] == 0 for r in results))
+    policy = "".join(f"; with the tiny policy writing the lessons, {r['reward_abstraction']:.3f} against "
+                     f"{r['reward_plain']:.3f} ({r['contexts']} targets with lessons)"
+                     for r in results if r["abstractor"] == "policy")
+    verdict = (f"**{'PASS' if passed else 'FAIL'}.** With the extractive abstractor, abstraction-conditioned "
+               f"rollouts scored {ext['reward_abstraction']:.3f} against {ext['reward_plain']:.3f} for plain rollouts "
+               f"of the same {ext['contexts']} target problems{policy}. "
+               f"Stated problems (the convention in the text) scored {mean_reward(seen):.3f}. The guard "
+               f"dropped {sum(r['guard_dropped'] for r in results)} contexts and the independent recheck found "
+               f"{sum(r['gold_in_context_recheck'] for r in results)} with a target's gold answer.")
+    return {
+        "description": (f"A procedural family where a convention is stated only in related problems (\"{RULE}\"); "
+                        f"{stated} stated problems x {g} plain rollouts fill the pool, then {targets} target problems "
+                        f"without the convention get {g} plain and {g} abstraction rollouts each (real SmolLM2-135M, "
+                        f"T={cfg.rollout.temperature}, threshold {cfg.lanpo.abstraction.min_similarity}, top-k "
+                        f"{cfg.lanpo.abstraction.top_k})."),
+        "reward_stated": mean_reward(seen), "results": results, "passed": passed, "verdict": verdict,
+        "timings": timings, "config": config, "seed": seed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stated", type=int, default=16)
+    ap.add_argument("--targets", type=int, default=32)
+    ap.add_argument("--g", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--abstractors", default="extractive,policy", help="extractive first (the pass criterion)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "tiny-cpu.yaml"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mechanism.json"))
+    args = ap.parse_args()
+    result = run(args.stated, args.targets, args.g, args.seed, args.config, tuple(args.abstractors.split(",")))
+    print(f"{'abstractor':<11} {'targets':>7} {'contexts':>8} {'plain':>6} {'abstr.':>6} {'dropped':>7} {'leaks':>5}")
+    for r in result["results"]:
+        print(f"{r['abstractor']:<11} {r['targets']:>7} {r['contexts']:>8} {r['reward_plain']:>6.3f} "
+              f"{r['reward_abstraction']:>6.3f} {r['guard_dropped']:>7} {r['gold_in_context_recheck']:>5}")
+        print(f"  lessons: {r['lessons'][:3]}")
+    print(result["verdict"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    sys.exit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Smoke tests of the comparison and mechanism benchmarks: the real scripts with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_model_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out, report = tmp_path / "compare", tmp_path / "docs" / "results.md"
+    tiny = [f"model.name_or_path={tiny_model_path}", "rollout.backend=transformers", "eval.limit=4",
+            "eval.samples=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+            "lanpo.abstraction.max_new_tokens=16"]
+    cmd = [sys.executable, "bench/compare.py", "--seeds", "0", "--variants", "lanpo,grpo", "--steps", "2",
+           "--no-mechanism", "--out", str(out), "--report", str(report), *[f"--set={x}" for x in tiny]]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert (report.parent / "results" / "curves.png").stat().st_size > 10_000
+
+    client = MlflowClient(uri)
+    for variant in ("lanpo", "grpo"):
+        summary = json.loads((out / f"{variant}-s0.json").read_text())
+        assert summary["steps"] == 2 and summary["mlflow_tracking_uri"] == uri
+        metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
+        row = next(line for line in text.splitlines() if line.startswith(f"| {variant} | 1 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # zero-shot mean@2, greedy and feedback greedy (%) as MLflow holds them after the last step
+        for cell, key in zip(cells[2:5], ("mean_at_2", "greedy", "feedback_greedy")):
+            assert float(cell) == pytest.approx(100 * metrics[f"eval/arithmetic-heldout/{key}"], abs=0.05)
+        assert int(cells[5]) == 2 * 4 * 4  # rollouts: steps x B x G
+    lanpo_mix = client.get_metric_history(json.loads((out / "lanpo-s0.json").read_text())["mlflow_run_id"],
+                                          "mix/plain")
+    assert [m.value for m in lanpo_mix][0] < 16  # LANPO really mixed context rollouts in at some step
+    assert re.search(r"LANPO generated \d+\.\d\dx the tokens of GRPO", text)
+
+    # the report regenerates from the finished runs alone, and a finished run is not repeated
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "..." not in again.stdout
+    assert report.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+
+
+def test_mechanism_check_abstraction_carries_the_missing_convention(tmp_path):
+    out = tmp_path / "mechanism.json"
+    done = subprocess.run([sys.executable, "bench/mechanism.py", "--stated", "12", "--targets", "16",
+                           "--abstractors", "extractive", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert out.exists(), done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert done.returncode == 0 and result["passed"], result["verdict"]
+    [extractive] = result["results"]
+    assert extractive["contexts"] >= 12 and extractive["guard_audited"] == extractive["contexts"]
+    assert extractive["reward_abstraction"] > extractive["reward_plain"]
+    assert extractive["lessons"] == ["The Lumen result of two numbers is their sum."]
+    assert extractive["guard_dropped"] == 0 and extractive["gold_in_context_recheck"] == 0

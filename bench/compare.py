@@ -238,15 +238,18 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
         tokens = [sum(t for _, t in tokens_per_step(h)) for h in hs]
         rollouts = [sum(sum(x for _, x in h.get(f"mix/{k}", [])) for k in ("plain", "reflection", "abstraction"))
                     for h in hs]
-        summary[v] = {"accs": accs, "tokens": tokens}
+        summary[v] = {"accs": accs, "tokens": tokens,
+                      "by_seed": {s: final(runs[(v, s)], f"eval/{BENCH}/greedy") for s in seeds[v]}}
         wall = [walls[(v, s)] for s in seeds[v]]
         lines.append(f"| {v} | {len(hs)} | " + " | ".join(fmt(accs[k]) for k in EVAL_KEYS)
                      + f" | {statistics.fmean(rollouts):.0f} | {statistics.fmean(tokens):,.0f} | "
-                     + f"{statistics.fmean(wall):.0f} |")
+                     + f"{statistics.fmean(wall):.0f} ({', '.join(f'{w:.0f}' for w in wall)}) |")
     lines += ["", "Rollouts = problems x G over all steps (equal by construction). Generated tokens = rollout "
-              "completions plus the abstractor's lessons. Ablations ran with one seed; compare them with the same "
-              "seed of `lanpo` (first seed), not with the mean.", ""]
+              "completions plus the abstractor's lessons. Wall time: mean (each seed); a run that shared the two cores "
+              "with other work is slower, so compare stage times, not wall times, across runs. Ablations ran with "
+              "one seed; compare them with the same seed of `lanpo` (first seed), not with the mean.", ""]
 
+    step_seconds: dict[str, float] = {}
     lines += ["## Time per training step by stage (s, mean over steps and seeds)", "",
               "| method | " + " | ".join(STAGES) + " | total | eval (zero-shot) | eval (feedback) |",
               "|---|" + "---|" * (len(STAGES) + 3)]
@@ -260,6 +263,7 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
             xs = [statistics.fmean(x for s, x in h[key] if s > 0 or len(h[key]) == 1) for h in hs if h.get(key)]
             return statistics.fmean(xs) if xs else 0.0
         stage_times = [avg(f"time/{s}_seconds") for s in STAGES]
+        step_seconds[v] = sum(stage_times)
         lines.append(f"| {v} | " + " | ".join(f"{x:.2f}" for x in stage_times) + f" | {sum(stage_times):.1f} | "
                      f"{avg('time/eval_seconds'):.1f} | {avg('time/eval_feedback_seconds'):.1f} |")
     lines += ["", "Steps >= 1 (step 0's generation includes starting the vLLM engine). "
@@ -292,7 +296,7 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
     mech = out / "mechanism.json"
     if mech.exists():
         lines += mechanism_section(json.loads(mech.read_text()))
-    lines += findings(summary, seeds)
+    lines += findings(summary, seeds, step_seconds)
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -310,7 +314,7 @@ def mechanism_section(m: dict) -> list[str]:
     return lines + ["", m.get("verdict", ""), ""]
 
 
-def findings(summary: dict, seeds: dict) -> list[str]:
+def findings(summary: dict, seeds: dict, step_seconds: dict[str, float]) -> list[str]:
     lines = ["## What this shows", ""]
     if "lanpo" in summary and "grpo" in summary:
         for key, label in EVAL_KEYS.items():
@@ -325,8 +329,25 @@ def findings(summary: dict, seeds: dict) -> list[str]:
                        + " by more than one standard deviation")
             lines.append(f"- {label}: LANPO {ma * 100:.1f} vs GRPO {mb * 100:.1f} ({diff:+.1f} points, "
                          f"spread {noise:.1f}): {verdict}.")
+        paired = [(summary["lanpo"]["by_seed"][s], summary["grpo"]["by_seed"][s])
+                  for s in seeds["lanpo"] if s in summary["grpo"]["by_seed"]]
+        if paired:
+            diffs = ", ".join(f"{(a - b) * 100:+.1f}" for a, b in paired)
+            wins = sum(a > b for a, b in paired)
+            lines.append(f"- Zero-shot greedy, paired by seed (same data order and sampling seeds): LANPO - GRPO = "
+                         f"{diffs} points; LANPO ahead on {wins} of {len(paired)} seeds.")
+        for v in MAIN:
+            zs, fb = summary[v]["accs"]["greedy"], summary[v]["accs"]["feedback_greedy"]
+            if zs and fb:
+                lines.append(f"- {v}: feedback-augmented greedy {statistics.fmean(fb) * 100:.1f} vs zero-shot greedy "
+                             f"{statistics.fmean(zs) * 100:.1f}: lessons at test time "
+                             + ("help" if statistics.fmean(fb) > statistics.fmean(zs) else "do not help")
+                             + " this model.")
         ratio = statistics.fmean(summary["lanpo"]["tokens"]) / statistics.fmean(summary["grpo"]["tokens"])
         lines.append(f"- LANPO generated {ratio:.2f}x the tokens of GRPO for the same number of rollouts.")
+        if step_seconds.get("grpo"):
+            lines.append(f"- A LANPO training step took {step_seconds['lanpo'] / step_seconds['grpo']:.2f}x the time "
+                         "of a GRPO step (the stage table: the difference is the abstractor's generation).")
     if "lanpo" in summary and seeds.get("lanpo"):
         ref = summary["lanpo"]["accs"]["greedy"][0] if summary["lanpo"]["accs"]["greedy"] else None
         for v in VARIANTS:

@@ -85,6 +85,7 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
     stats: dict[str, float] = {}
     sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0, max_new_tokens=ev.max_new_tokens)
     for name, problems in benchmarks.items():
+        original = {f"eval/{name}/{p.id}": p.id for p in _limited(problems, ev.limit)}
         problems = [replace(p, id=f"eval/{name}/{p.id}") for p in _limited(problems, ev.limit)]
         batch = builder.abstraction(problems, step=None)
         requests = []
@@ -97,7 +98,7 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
         scores = verifier.score_batch((c.text, by_id[c.tags["problem_id"]].answer) for c in completions)
         for c, s in zip(completions, scores):
             p = by_id[c.tags["problem_id"]]
-            predictions.append(Prediction(name, p.id.split("/", 2)[2], "feedback_greedy", 0, c.text, s.extracted,
+            predictions.append(Prediction(name, original[p.id], "feedback_greedy", 0, c.text, s.extracted,
                                           s.status, s.reward, _opt(p.metadata.get("subject")),
                                           _opt(p.metadata.get("level")), context=bool(c.tags["context"])))
         for key, value in batch.metrics(f"eval/{name}/feedback/").items():

@@ -365,3 +365,27 @@ def test_extractive_abstractor_and_read_only_builder(tmp_path, embedder):
     stored = FeedbackBuilder(pool, lanpo).abstraction([target], 1)
     assert stored.get(target.id, "abstraction").lessons == ctx.lessons
     assert pool.get_lessons(ctx.source_ids) == list(ctx.lessons)
+
+
+def test_a_test_problem_never_retrieves_itself_from_the_training_pool(tmp_path, embedder):
+    from dataclasses import replace
+
+    from lanpo_core.config import RunConfig
+    from lanpo_core.evaluate import evaluate_with_feedback
+
+    family = [lumen(item, d, True) for item, d in (("pen", 3), ("lamp", 7), ("hat", 2), ("drum", 9))]
+    family.append(lumen("kite", 6, False))
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, f"That is {p.answer} cents.", 1.0) for p in family])
+    lanpo = LanpoConfig()
+    lanpo.abstraction.abstractor = "extractive"
+    lanpo.abstraction.min_similarity = 0.5
+    # the kite problem is also a test problem (same text, evaluation id): its own rollouts must not be shown
+    test = replace(family[-1], id=f"eval/lumen/{family[-1].id}")
+    builder = FeedbackBuilder(pool, lanpo, store_lessons=False)
+    ctx = builder.abstraction([test], None).get(test.id, "abstraction")
+    assert ctx is not None and len(ctx.source_ids) == 4
+    assert not any(family[-1].id in uid for uid in ctx.source_ids)
+    assert ctx.lessons == ("At the Lumen market, prices are written in cents.",)
+    with pytest.raises(ValueError, match="must not write lessons"):
+        evaluate_with_feedback(None, {}, RunConfig(), None, FeedbackBuilder(pool, lanpo))

@@ -512,7 +512,7 @@ class FeedbackBuilder:
             batch.stats["abstraction/built"] += 1
         return batch
 
-    def _generate(self, requests: dict[str, tuple[Any, list[Any]]], batch: FeedbackBatch, step: int,
+    def _generate(self, requests: dict[str, tuple[Any, list[Any]]], batch: FeedbackBatch, step: int | None,
                   policy_version: int | None) -> dict[str, list[str]]:
         cfg = self.lanpo.abstraction
         if not requests:
@@ -543,7 +543,7 @@ class FeedbackBuilder:
         return self._store(requests, keys, texts, batch, step, policy_version)
 
     def _store(self, requests: dict[str, tuple[Any, list[Any]]], keys: list[str], texts: Sequence[str],
-               batch: FeedbackBatch, step: int, policy_version: int | None) -> dict[str, list[str]]:
+               batch: FeedbackBatch, step: int | None, policy_version: int | None) -> dict[str, list[str]]:
         cfg = self.lanpo.abstraction
         out: dict[str, list[str]] = {}
         for key, text in zip(keys, texts):

@@ -354,8 +354,10 @@ def findings(summary: dict, seeds: dict, step_seconds: dict[str, float]) -> list
             if v in MAIN or v not in summary or not summary[v]["accs"]["greedy"] or ref is None:
                 continue
             d = (summary[v]["accs"]["greedy"][0] - ref) * 100
+            spread = max(mean_std(summary[m]["accs"]["greedy"])[1] for m in MAIN if m in summary) * 100
+            size = "larger than" if abs(d) > spread else "within"
             lines.append(f"- {v}: greedy {summary[v]['accs']['greedy'][0] * 100:.1f} ({d:+.1f} vs lanpo seed "
-                         f"{seeds['lanpo'][0]}; one seed, so differences under the LANPO/GRPO spread are noise).")
+                         f"{seeds['lanpo'][0]}: {size} the seed-to-seed spread of {spread:.1f}; one seed only).")
     missing = [v for v in VARIANTS if v not in summary]
     if missing:
         lines.append(f"- Not run yet: {', '.join(missing)}. `bench/compare.py` runs whatever is missing and keeps "

@@ -1,6 +1,6 @@
 """LANPO vs plain GRPO on `tiny-cpu`, the ablations, the mechanism check, and the report `docs/results.md`.
 
-    .venv/bin/python bench/compare.py                  # every missing run, then the report (about an hour here)
+    .venv/bin/python bench/compare.py                  # every missing run, then the report (108 min here)
     .venv/bin/python bench/compare.py --report-only    # the report again from the finished runs
     .venv/bin/python bench/compare.py --seeds 0 --variants lanpo,grpo --steps 2 --out /tmp/c --report /tmp/c/r.md
 

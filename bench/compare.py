@@ -119,6 +119,13 @@ def final(h: dict, key: str) -> float | None:
     return h[key][-1][1] if h.get(key) else None
 
 
+def stage_mean(h: dict, key: str) -> float | None:
+    """Mean of a per-step time over steps >= 1: step 0's generation includes starting the engine (~35 s for vLLM)."""
+    series = h.get(key, [])
+    later = [x for s, x in series if s > 0] or [x for _, x in series]
+    return statistics.fmean(later) if later else None
+
+
 def tokens_per_step(h: dict) -> list[tuple[int, float]]:
     lessons = dict(h.get("feedback/abstractor_tokens", []))
     return [(s, v + lessons.get(s, 0.0)) for s, v in h.get("rollout/completion_tokens", [])]
@@ -177,8 +184,7 @@ def plot(runs: dict, base: dict, path: Path) -> None:
     for stage in STAGES:
         heights = []
         for v in variants:
-            per_run = [statistics.fmean(x for s, x in h[f"time/{stage}_seconds"] if s > 0)
-                       if len(h.get(f"time/{stage}_seconds", [])) > 1 else 0.0 for (vv, _), h in runs.items() if vv == v]
+            per_run = [stage_mean(h, f"time/{stage}_seconds") or 0.0 for (vv, _), h in runs.items() if vv == v]
             heights.append(statistics.fmean(per_run) if per_run else 0.0)
         ax.bar(variants, heights, bottom=bottom, label=stage)
         bottom = [b + x for b, x in zip(bottom, heights)]
@@ -259,8 +265,7 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
             continue
 
         def avg(key: str) -> float:
-            # step 0's generation includes starting the engine (about 35 s for vLLM): steps >= 1 only
-            xs = [statistics.fmean(x for s, x in h[key] if s > 0 or len(h[key]) == 1) for h in hs if h.get(key)]
+            xs = [x for x in (stage_mean(h, key) for h in hs) if x is not None]
             return statistics.fmean(xs) if xs else 0.0
         stage_times = [avg(f"time/{s}_seconds") for s in STAGES]
         step_seconds[v] = sum(stage_times)

@@ -85,8 +85,8 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
     stats: dict[str, float] = {}
     sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0, max_new_tokens=ev.max_new_tokens)
     for name, problems in benchmarks.items():
-        original = {f"eval/{name}/{p.id}": p.id for p in _limited(problems, ev.limit)}
         problems = [replace(p, id=f"eval/{name}/{p.id}") for p in _limited(problems, ev.limit)]
+        original = {p.id: p.id.removeprefix(f"eval/{name}/") for p in problems}
         batch = builder.abstraction(problems, step=None)
         requests = []
         for p in problems:

@@ -47,7 +47,8 @@ class ModelConfig(_Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name_or_path` is a hub name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Dtype of the master weights. On CPU keep float32 and use `grpo.bf16` autocast (faster here, stack.md §4)."""
+    """Dtype of the master weights (`auto`: the checkpoint's own). Keep float32 and let `grpo.bf16` decide the
+    compute precision."""
     trust_remote_code: bool = False
     """Passed to transformers; needed by some hub models."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -154,8 +155,9 @@ class VerifyConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------- rollout
 class VllmConfig(_Section):
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
-    """Engine dtype (bf16 was fastest on this CPU, stack.md §5)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Engine dtype. `auto`: bf16 where the hardware computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or
+    AMX), else fp32, decided at run time (lanpo_core/hardware.py; docs/defaults.md, "Precision")."""
     enforce_eager: bool = True
     """Skip graph capture/compilation: it costs 80–105 s at start on CPU and gains little (stack.md §5)."""
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
@@ -192,6 +194,9 @@ class RolloutConfig(_Section):
     """Per-token log-probs returned with each completion: `raw` = log-softmax of the unmodified logits (T=1, no
     top-k/top-p), `processed` = of the distribution actually sampled (after temperature, top-k, top-p); `auto` =
     raw when `grpo.logprob_temperature` is 1.0, else processed (the trainer must score at the same temperature)."""
+    transformers_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Compute dtype of the transformers backend's generation (`bfloat16` = bf16 autocast over the fp32 weights);
+    `auto` as for `vllm.dtype`."""
     transformers_batch_size: int = Field(64, ge=1)
     """Sequences per batched `generate` call in the transformers backend (left-padded)."""
     progress: bool = True
@@ -337,8 +342,9 @@ class GrpoConfig(_Section):
     """Optimisation passes over each step's rollouts (TRL's mu)."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward; gradients accumulate over the step's B x G sequences."""
-    bf16: bool = True
-    """bf16 autocast (CPU or GPU); master weights stay in `model.dtype`."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast for forward/backward (master weights stay in `model.dtype`). `auto`: on where bf16 is native
+    (CUDA with bf16; CPUs with AVX512-BF16 or AMX), off elsewhere, where bf16 runs 10-100x slower than fp32."""
     gradient_checkpointing: bool = False
     """Trade compute for memory (TRL default is on; off is faster for small models)."""
     checkpoint_keep_last: int = Field(2, ge=1)
@@ -365,6 +371,9 @@ class EvalConfig(_Section):
     """Also report feedback-augmented greedy pass@1 (METHOD.md step 9, secondary): abstraction lessons made from the
     training pool's experiences of similar problems, never from the test problem; the pool is only read. Costs one
     abstractor call per new source set plus one greedy pass. Off by default (opt-in, like every addition)."""
+    at_start: bool = True
+    """Also evaluate the base policy before the first step (logged at step 0): the "before" of a run's accuracy.
+    Cached like every evaluation, so it is paid once per config."""
 
 
 # --------------------------------------------------------------------------------------- tracking, paths

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 from .config import RolloutConfig, RunConfig
+from .hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -570,14 +571,17 @@ class TransformersEngine(_EngineBase):
 
     def __init__(self, model: Any, tokenizer: Any, *, max_prompt_tokens: int = 1024,
                  overlong: str = "truncate_context", logprobs_mode: str = "raw", batch_size: int = 64,
-                 progress: bool = True) -> None:
+                 progress: bool = True, dtype: str = "float32") -> None:
         context_len = int(getattr(model.config, "max_position_embeddings", None) or 1 << 30)
         super().__init__(tokenizer, max_prompt_tokens=max_prompt_tokens, overlong=overlong, context_len=context_len,
                          logprobs_mode=logprobs_mode, progress=progress)
         if logprobs_mode not in ("raw", "processed"):
             raise RolloutError(f"logprobs mode must be 'raw' or 'processed', got {logprobs_mode!r}")
+        if dtype not in ("float32", "bfloat16"):
+            raise RolloutError(f"transformers compute dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model = model
         self.batch_size = batch_size
+        self.dtype = dtype
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise RolloutError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
@@ -634,7 +638,9 @@ class TransformersEngine(_EngineBase):
                 recorder = _LogprobRecorder(bar)
                 procs = [recorder, *warpers] if self.logprobs_mode == "raw" else [*warpers, recorder]
                 rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
-                with rng, torch.inference_mode():
+                # bf16 autocast over the fp32 weights: the engine shares the trainer's model object
+                autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
+                with rng, torch.inference_mode(), autocast:
                     if sampling.seed is not None:
                         torch.manual_seed(_mix_seed(sampling.seed, b))
                     seq = self.model.generate(
@@ -734,4 +740,5 @@ def make_engine(config: RunConfig, model_path: str | None = None, *, model: Any 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return TransformersEngine(model, tokenizer, max_prompt_tokens=rc.max_prompt_tokens, overlong=rc.overlong_prompt,
-                              logprobs_mode=mode, batch_size=rc.transformers_batch_size, progress=rc.progress)
+                              logprobs_mode=mode, batch_size=rc.transformers_batch_size, progress=rc.progress,
+                              dtype=resolve_dtype(rc.transformers_dtype))

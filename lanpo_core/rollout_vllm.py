@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import RolloutConfig, VllmConfig
+from .hardware import resolve_dtype
 from .rollout import BackendUnavailable, RolloutError, SamplingSpec, _EngineBase, _mix_seed
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class VllmEngine(_EngineBase):
                          context_len=vc.max_model_len, logprobs_mode=logprobs_mode, progress=rollout.progress)
         self.model_path = str(model_path)
         self.vcfg = vc
+        self.dtype = resolve_dtype(vc.dtype)
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.sync_mode = "inplace"
@@ -275,7 +277,7 @@ class VllmEngine(_EngineBase):
         tracker_before = _tracker_pid()
         started = time.perf_counter()
         kwargs: dict[str, Any] = dict(
-            model=path, tokenizer=self.model_path, dtype=self.vcfg.dtype, max_model_len=self.vcfg.max_model_len,
+            model=path, tokenizer=self.model_path, dtype=self.dtype, max_model_len=self.vcfg.max_model_len,
             seed=self.seed, enforce_eager=self.vcfg.enforce_eager, trust_remote_code=self.trust_remote_code,
             logprobs_mode="processed_logprobs" if self.logprobs_mode == "processed" else "raw_logprobs")
         if _on_gpu():
@@ -296,7 +298,7 @@ class VllmEngine(_EngineBase):
             self._tracker_started = self._tracker_started or (tracker_before is None and _tracker_pid() is not None)
         secs = time.perf_counter() - started
         self._start_watchdog()
-        log.info("vLLM engine started in %.1fs (%s, %s, logprobs %s); processes %s", secs, path, self.vcfg.dtype,
+        log.info("vLLM engine started in %.1fs (%s, %s, logprobs %s); processes %s", secs, path, self.dtype,
                  self.logprobs_mode, [p.pid for p in self._procs])
         return secs
 
@@ -403,7 +405,7 @@ class VllmEngine(_EngineBase):
         import torch
         from safetensors.torch import save_file
 
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(self.vcfg.dtype)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(self.dtype)
         tensors: dict[str, Any] = {}
         seen: set[int] = set()
         for name, t in items:

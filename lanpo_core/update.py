@@ -80,8 +80,8 @@ GRPOTrainer scores at its sampling temperature; set `logprob_temperature` = `rol
 then the rollout engine must return tempered log-probs (vLLM `logprobs_mode="processed_logprobs"`).
 
 Precision: master weights in `model.dtype` (fp32 by default); `grpo.bf16` runs forward/backward under bf16 autocast
-on CPU (faster here) or GPU. Gradient accumulation: the step's sequences are sorted by length and cut into
-micro-batches of `grpo.micro_batch_size`, each padded to its own longest prompt/completion.
+(`auto`: only where bf16 is native, lanpo_core/hardware.py). Gradient accumulation: the step's sequences are sorted
+by length and cut into micro-batches of `grpo.micro_batch_size`, each padded to its own longest prompt/completion.
 
 Checkpoints: `save_checkpoint()` writes weights (or the LoRA adapter), optimiser, scheduler, RNG states and counters
 atomically under `<run_dir>/checkpoints/` (see checkpoint.py), keeps the last `grpo.checkpoint_keep_last`, and
@@ -115,6 +115,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import RunConfig
+from .hardware import resolve_bf16
 
 ADV_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
 _SCHEDULERS = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
@@ -217,7 +218,7 @@ def build_grpo_args(config: RunConfig, output_dir: str | Path, **overrides: Any)
         beta=g.beta,
         num_iterations=g.num_iterations,
         max_steps=max(1, g.steps * g.num_iterations),
-        bf16=g.bf16,
+        bf16=resolve_bf16(g.bf16),
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,  # enabled by PolicyUpdater itself (Trainer.train() would do it)
         seed=config.seed,

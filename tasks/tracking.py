@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI point it anywhere else (an `mlflow server`, Databricks, ...)
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -16,9 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from lanpo_core import hardware
 from lanpo_core.config import RunConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
@@ -80,10 +83,17 @@ def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, s
 
     exp = experiment_id(cfg)
     existing = find_run(cfg, run_key)
+    # What the `auto` precision settings resolved to on this machine: params of the run as first started, and tags
+    # that say what the latest (possibly resumed, possibly on another CPU) attempt used.
+    precision = hardware.describe(cfg)
+    log.info("precision: update bf16 %s, vLLM %s, transformers %s (%s)", precision["precision/update_bf16"],
+             precision["precision/vllm_dtype"], precision["precision/transformers_dtype"],
+             precision["precision/reason"])
     with mlflow.start_run(run_id=existing, experiment_id=None if existing else exp,
                           run_name=None if existing else run_name) as run:
         if existing is None:
-            params = {safe_name(k): ("" if v is None else str(v))[:6000] for k, v in cfg.flat().items()}
+            params = {safe_name(k): ("" if v is None else str(v))[:6000]
+                      for k, v in {**cfg.flat(), **precision}.items()}
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
                 mlflow.log_params(dict(items[i:i + 100]))
@@ -92,6 +102,7 @@ def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, s
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
         all_tags.update(tags or {})
+        all_tags.update({safe_name(k): v[:5000] for k, v in precision.items()})
         mlflow.set_tags(all_tags)
         yield run.info.run_id
 

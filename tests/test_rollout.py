@@ -218,6 +218,7 @@ def test_engine_creation_inside_a_spawn_reimport_is_refused(monkeypatch):
 def hf_engine(smollm2_path):
     cfg = RunConfig()
     cfg.rollout.max_prompt_tokens = 200
+    cfg.rollout.transformers_dtype = "float32"  # compared with a float32 forward pass below
     engine = make_engine(cfg, smollm2_path, backend="transformers")
     assert engine.backend == "transformers" and engine.logprobs_mode == "raw"
     yield engine

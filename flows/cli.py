@@ -14,11 +14,15 @@ Errors that are the user's to fix (config, data, model) print one clear message 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shlex
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TextIO
 
 import typer
 import yaml
@@ -44,12 +48,12 @@ SetOpt = typer.Option(None, "--set", "-s", help="Dotted override KEY=VALUE, repe
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(console: TextIO | None = None) -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit status 2 (no stack trace)."""
     try:
         yield
     except (ConfigError, DataError, ModelNotFoundError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {e}", fg=typer.colors.RED, file=console or sys.stderr)
         raise typer.Exit(2) from None
 
 
@@ -115,9 +119,6 @@ def _print_datasets(cfg: RunConfig, samples: int) -> None:
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    import logging
-    import os
-
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         for name in ("prefect", "httpx", "mlflow", "transformers", "vllm"):
@@ -127,22 +128,118 @@ def _quiet_prefect(verbose: bool) -> None:
 @app.command()
 def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
           run_name: Optional[str] = typer.Option(None, help="Run name (default: the config's name)."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's task logs.")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Show Prefect's task logs and library output here, not in the log file.")
+          ) -> None:
     """Run the LANPO training flow (plain GRPO with configs/grpo-tiny-cpu.yaml) to the end, with progress."""
-    _quiet_prefect(verbose)
     with user_errors():
         cfg = _config(config, set_)  # fail on a bad config before Prefect starts
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        from flows import train as train_flow
+    from flows import train as train_flow
 
-        with tqdm(total=train_flow.total_stages(cfg), desc=cfg.name, unit="stage") as bar:
-            train_flow.progress = bar
-            try:
-                summary = train_flow.lanpo_train(str(config or DEFAULT_CONFIG), list(set_ or []), run_name)
-            finally:
-                train_flow.progress = None
-    _print_summary(summary)
+    steps = cfg.grpo.steps
+    log = None if verbose else train_flow.run_folder(cfg, run_name) / "lanpo.log"
+    out, err = (sys.stdout, sys.stderr) if log is None else _output_to_log(log)
+    if log is not None:
+        typer.echo(f"lanpo train: {steps} step(s); library logs go to {log}", file=out)
+        _lanpo_logs(err)
+
+    def show(event: train_flow.StageEvent) -> None:
+        bar.set_description_str(f"step {event.step}/{steps} {event.stage}", refresh=False)
+        bar.set_postfix_str(", ".join(f"{name} {value:.2f}" for name, value in
+                                      (("reward", event.reward), ("held-out", event.accuracy)) if value is not None))
+        if event.finished:
+            bar.update(1)
+
+    started = time.perf_counter()
+    try:  # the bar closes before an error is printed under it
+        with user_errors(err), tqdm(total=train_flow.total_stages(cfg), desc="starting", unit="stage",
+                                    file=err) as bar, train_flow.reporting(show):
+            summary = train_flow.lanpo_train(str(config or DEFAULT_CONFIG), list(set_ or []), run_name)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the same command resumes the run at its first unfinished stage", file=err)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        traceback.print_exc()  # into the log file (on the terminal with --verbose)
+        typer.secho(f"error: {type(e).__name__}: {e}" + (f"\n  full log: {log}" if log else ""),
+                    fg=typer.colors.RED, file=err)
+        raise typer.Exit(1) from None
+    _print_run(summary, time.perf_counter() - started, log, out)
+
+
+def _output_to_log(log: Path) -> tuple[TextIO, TextIO]:
+    """Point file descriptors 1 and 2 at `log` and return streams on the terminal's stdout and stderr.
+
+    Whatever libraries print, from Python or C, in this process or in the processes it starts (the vLLM engine, the
+    ephemeral Prefect server, verifier workers), then lands in the log, and only what lanpo writes to the returned
+    streams reaches the terminal. Kept until the process exits: what libraries print at exit belongs in the log too.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    out, err = (open(os.dup(fd), "w", buffering=1, encoding="utf-8") for fd in (1, 2))
+    with open(log, "a", encoding="utf-8") as handle:  # append: the log of a resumed run keeps the earlier attempts
+        handle.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} lanpo {shlex.join(sys.argv[1:])}\n")
+        handle.flush()
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+    return out, err
+
+
+def _lanpo_logs(console: TextIO) -> None:
+    """lanpo's own log records go to the log file from INFO up (through the root logger, as Prefect set it up) and,
+    from WARNING up, to the terminal above the progress bar."""
+    from tqdm import tqdm
+
+    class Console(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=console)
+
+    for name in ("lanpo_core", "tasks"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(Console(logging.WARNING))
+
+
+def _print_run(summary: dict, seconds: float, log: Path | None, out: TextIO) -> None:
+    """The end of `lanpo train`: accuracy before and after, time by stage, and where everything is."""
+    from flows.train import ACCURACY
+
+    def echo(text: str = "") -> None:
+        typer.echo(text, file=out)
+
+    typer.secho(f"done in {seconds / 60:.1f} min: {summary['steps']} step(s), run {summary['run_key']}",
+                fg=typer.colors.GREEN, file=out)
+    before = summary.get("eval_before", {})
+    rows = [(f"{m.group(1)} {m.group(2).replace('mean_at_', 'mean@').replace('_', ' ')}", before.get(k), v)
+            for k, v in summary.items() if (m := ACCURACY.fullmatch(k))]
+    if rows:
+        width = max(len(name) for name, _, _ in rows)
+        echo(f"\n  {'held-out accuracy':{width}}  before   after")
+        for name, was, now in rows:
+            echo(f"  {name:{width}}  {'-' if was is None else f'{was:.3f}':>6}  {now:6.3f}")
+    seconds_by_stage = summary.get("stage_seconds", {})
+    if seconds_by_stage:
+        echo("\n  seconds by stage (MLflow time/*_seconds summed over steps; the first stage to use the rollout "
+             "engine includes its start)")
+        for name, value in sorted(seconds_by_stage.items(), key=lambda kv: -kv[1]):
+            echo(f"  {name:14} {value:8.1f}")
+        echo(f"  {'total':14} {sum(seconds_by_stage.values()):8.1f}")
+    echo(f"\n  checkpoint  {summary['checkpoint'] or 'none (no step run)'}")
+    echo(f"  MLflow run  {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
+    if summary.get("mlflow_run_url"):
+        echo(f"  MLflow UI   {summary['mlflow_run_url']}")
+    else:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        echo(f"  MLflow UI   {shlex.quote(str(mlflow) if mlflow.exists() else 'mlflow')} ui --backend-store-uri "
+             f"{shlex.quote(summary['mlflow_tracking_uri'])} --port 5000")
+        echo(f"              then open http://127.0.0.1:5000/#/experiments/{summary.get('mlflow_experiment_id')}"
+             f"/runs/{summary['mlflow_run_id']}")
+    if log is not None:
+        echo(f"  log         {log}")
 
 
 def _print_summary(summary: dict) -> None:

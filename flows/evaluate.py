@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+# first: flows.train sets the library defaults (telemetry off, ...) that Prefect reads when it is imported
+from .train import DEFAULT_CONFIG, check_inputs, resolve_config_path
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from lanpo_core.config import load_config
 from tasks import tracking
-
-from .train import DEFAULT_CONFIG, check_inputs, resolve_config_path
 
 
 @task(name="evaluate-model", retries=1)
@@ -38,7 +39,7 @@ def evaluate_model(config_path: str, overrides: list[str], model: str, out_dir: 
     return metrics
 
 
-@flow(name="lanpo-evaluate", log_prints=True)
+@flow(name="lanpo-evaluate")
 def lanpo_evaluate(config: str = DEFAULT_CONFIG, model: str | None = None, overrides: list[str] | None = None,
                    run_name: str | None = None) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on the benchmarks of `config`.

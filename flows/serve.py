@@ -45,10 +45,11 @@ def deployments():
 
 
 def serve_deployments() -> None:
+    os.chdir(REPO)  # relative config paths and the default runs/ and mlruns/ folders resolve in the repository
+    served = deployments()  # imports flows.train first, which sets the library defaults Prefect reads at import
     from prefect import serve
 
-    os.chdir(REPO)  # relative config paths and the default runs/ and mlruns/ folders resolve in the repository
-    serve(*deployments(), print_starting_message=True)
+    serve(*served, print_starting_message=True)
 
 
 def wait_http(url: str, seconds: float) -> bool:
@@ -76,8 +77,9 @@ def services_up(prefect_port: int = 4200, mlflow_port: int = 5000, timeout: floa
     state_file = SERVICES_DIR / "services.json"
     if state_file.exists():
         raise RuntimeError(f"services already recorded in {state_file}; run `lanpo services down` first")
-    env = {**os.environ, "PREFECT_HOME": str(SERVICES_DIR / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # telemetry off unless the user's environment says otherwise (as in flows/train.py)
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ,
+           "PREFECT_HOME": str(SERVICES_DIR / "prefect-home")}
     bin_dir = Path(sys.executable).parent
     api = f"http://127.0.0.1:{prefect_port}/api"
     pids = {"prefect-server": _start("prefect-server", [str(bin_dir / "prefect"), "server", "start", "--host",

@@ -9,10 +9,36 @@ finished flow completes from the cache, and a flow killed at any stage resumes a
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
+import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+# Defaults for every process that runs the flows (`lanpo train`, `lanpo serve`, tests), set before Prefect is
+# imported because Prefect reads its settings once, at import. `setdefault`: the user's environment still decides.
+for _key, _value in {
+    # usage telemetry over the network: the ephemeral Prefect server's (whose heartbeat also printed a "database is
+    # locked" traceback on a busy first start), the Prefect client's, vLLM's and Hugging Face's (DO_NOT_TRACK; vLLM
+    # accepts only "1"), MLflow's
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # A new PREFECT_HOME is migrated while the ephemeral server starts; on a busy 2-core machine that overran
+    # Prefect's 20 s and failed the first run ("Timed out while attempting to connect to ephemeral Prefect API").
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(_key, _value)
+# Library noise with nothing for a user to act on: TRL warns about the vLLM version at import, but lanpo runs vLLM
+# itself, not through TRL (stack.md §5); vLLM reports at every import that Triton has no CPU backend.
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
+logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+
+# imported after the defaults above
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
@@ -20,14 +46,41 @@ from prefect.filesystems import LocalFileSystem
 
 from lanpo_core.config import RunConfig, load_config
 from tasks import tracking
-from tasks.resources import PolicyRef, RunHandle, release, resources
+from tasks.resources import PolicyRef, RunHandle, release
 from tasks.stages import build_feedback, evaluate_policy, generate_rollouts, score, update_policy, write_pool
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
 STAGES = ("build-feedback", "generate-rollouts", "score-rollouts", "write-pool", "update-policy")
-progress: Any = None
-"""A tqdm bar the CLI sets while it runs the flow in-process (a flow parameter must be plain data)."""
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A stage of an in-process run starting or finishing, with the latest numbers known (None: not yet)."""
+
+    stage: str
+    step: int
+    """The training step the stage belongs to, from 1 (0: the base policy's evaluation before the first step)."""
+    finished: bool
+    reward: float | None
+    """Mean reward of the latest step's rollouts."""
+    accuracy: float | None
+    """Latest held-out accuracy (`headline_accuracy`)."""
+
+
+progress_hook: ContextVar[Callable[[StageEvent], None] | None] = ContextVar("lanpo_progress_hook", default=None)
+"""Told about every stage of an in-process run (the CLI's progress bar). Not a flow parameter: those stay plain data,
+which deployments render as a form."""
+
+
+@contextmanager
+def reporting(hook: Callable[[StageEvent], None]) -> Iterator[None]:
+    """Tell `hook` about every stage of the runs started in this context."""
+    token = progress_hook.set(hook)
+    try:
+        yield
+    finally:
+        progress_hook.reset(token)
 
 
 def resolve_config_path(config: str) -> str:
@@ -38,15 +91,18 @@ def resolve_config_path(config: str) -> str:
     return str(path.resolve()) if path.is_file() else config
 
 
+def run_folder(cfg: RunConfig, run_name: str | None) -> Path:
+    """runs/<name>-<config digest>: same config + overrides + name = same run (resumed, or completed from cache)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or cfg.name).strip("-") or "run"
+    return (Path(cfg.paths.runs_dir) / f"{slug}-{cfg.digest()[:8]}").resolve()
+
+
 def open_run(cfg: RunConfig, config_path: str | None, overrides: list[str], run_name: str | None) -> RunHandle:
-    """The run's identity and folder. Same config + overrides + name = same run (resumed, or completed from cache)."""
-    name = run_name or cfg.name
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    key = f"{slug}-{cfg.digest()[:8]}"
-    run_dir = (Path(cfg.paths.runs_dir) / key).resolve()
+    """The run's identity and folder."""
+    run_dir = run_folder(cfg, run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(_yaml(cfg))
-    return RunHandle(key, str(run_dir), config_path, tuple(overrides), cfg.digest())
+    return RunHandle(run_dir.name, str(run_dir), config_path, tuple(overrides), cfg.digest())
 
 
 def _yaml(cfg: RunConfig) -> str:
@@ -95,7 +151,9 @@ def eval_due(step: int, cfg: RunConfig) -> bool:
     return last or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
 
 
-@flow(name="lanpo-train", persist_result=True, log_prints=True)
+# No `log_prints`: lanpo logs rather than prints, and Prefect's print patch also took what libraries print into a
+# captured sys.stdout (dill disassembling functions while datasets fingerprints a dataset) into the run's logs.
+@flow(name="lanpo-train", persist_result=True)
 def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
                 run_name: str | None = None) -> dict[str, Any]:
     """Train a policy with LANPO (or plain GRPO when the config's rollout mix is plain only).
@@ -110,27 +168,32 @@ def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
     cfg = load_config(config_path, overrides)
     check_inputs(cfg)
     run = open_run(cfg, config_path, overrides, run_name)
-    store = result_storage(run)
-    stage = {t.name: t.with_options(result_storage=store) for t in
-             (build_feedback, generate_rollouts, score, write_pool, update_policy, evaluate_policy)}
     logger.info("run %s in %s", run.key, run.run_dir)
 
-    policy, pool_version, evals = PolicyRef.base(cfg), 0, {}
+    policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
     try:
         with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=_prefect_tags()) as mlflow_run_id:
+            stage = _Stages(run, mlflow_run_id)
+            if cfg.eval.at_start:  # the "before" of the run's accuracy; cached like every stage
+                before = stage("evaluate-policy", policy)
             for step in range(cfg.grpo.steps):
-                feedback = _stage(stage["build-feedback"], run, step, policy, pool_version, mlflow_run_id)
-                completions = _stage(stage["generate-rollouts"], run, step, policy, feedback, mlflow_run_id)
-                rollouts = _stage(stage["score-rollouts"], run, step, policy, completions, mlflow_run_id)
-                pool_version = _stage(stage["write-pool"], run, step, rollouts, feedback, mlflow_run_id)
-                policy = _stage(stage["update-policy"], run, step, policy, rollouts, mlflow_run_id)
+                stage.step = step + 1
+                feedback = stage("build-feedback", step, policy, pool_version)
+                completions = stage("generate-rollouts", step, policy, feedback)
+                rollouts = stage("score-rollouts", step, policy, completions)
+                pool_version = stage("write-pool", step, rollouts, feedback)
+                policy = stage("update-policy", step, policy, rollouts)
                 if eval_due(step, cfg):
-                    evals = _stage(stage["evaluate-policy"], run, policy, mlflow_run_id)
+                    evals = stage("evaluate-policy", policy)
             summary = {"run_key": run.key, "run_dir": run.run_dir, "mlflow_run_id": mlflow_run_id,
                        "mlflow_tracking_uri": tracking.tracking_uri(cfg), "checkpoint": policy.path,
                        "checkpoint_checksum": policy.checksum, "steps": policy.step, "pool_version": pool_version,
-                       **{k: v for k, v in evals.items() if not k.startswith("time/")}}
+                       **_no_times(evals)}
+            if before:
+                summary["eval_before"] = _no_times(before)
             if mlflow_run_id:
+                summary["mlflow_experiment_id"] = tracking.experiment_id(cfg)
+                summary["stage_seconds"] = _stage_seconds(mlflow_run_id)
                 tracking.log_json(mlflow_run_id, summary, "summary.json")
                 tracking.log_json(mlflow_run_id, cfg.model_dump(mode="json"), "config.json")
                 tracking.log_curves(mlflow_run_id)
@@ -142,13 +205,63 @@ def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
         release(run)
 
 
-def _stage(task: Any, *args: Any) -> Any:
-    if progress is not None:
-        progress.set_postfix_str(task.name)
-    result = task(*args)
-    if progress is not None:
-        progress.update(1)
-    return result
+class _Stages:
+    """The run's stage tasks, with results stored under the run folder; reports each stage to `progress_hook`."""
+
+    def __init__(self, run: RunHandle, mlflow_run_id: str) -> None:
+        store = result_storage(run)
+        self.tasks = {t.name: t.with_options(result_storage=store) for t in
+                      (build_feedback, generate_rollouts, score, write_pool, update_policy, evaluate_policy)}
+        self.run, self.mlflow_run_id = run, mlflow_run_id
+        self.step = 0
+        self.reward: float | None = None
+        self.accuracy: float | None = None
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        hook = progress_hook.get()
+        if hook:
+            hook(StageEvent(name, self.step, False, self.reward, self.accuracy))
+        result = self.tasks[name](self.run, *args, self.mlflow_run_id)
+        if name == "score-rollouts":
+            rewards = [r.reward for r in result if r.reward is not None]
+            self.reward = sum(rewards) / len(rewards) if rewards else None
+        elif name == "evaluate-policy":
+            self.accuracy = headline_accuracy(result)
+        if hook:
+            hook(StageEvent(name, self.step, True, self.reward, self.accuracy))
+        return result
+
+
+ACCURACY = re.compile(r"eval/(.+)/(greedy|mean_at_\d+|feedback_greedy)")
+"""The accuracy metrics of a benchmark, as (benchmark, kind) (not its coverage, per-group or per-status counts)."""
+
+
+def _no_times(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+def headline_accuracy(metrics: dict[str, float]) -> float | None:
+    """Zero-shot greedy pass@1 (mean@k when greedy is off), averaged over the benchmarks."""
+    found = {k: ACCURACY.fullmatch(k) for k in metrics}
+    for wanted in ("greedy", "mean_at_"):
+        values = [metrics[k] for k, m in found.items() if m and m.group(2).startswith(wanted)]
+        if values:
+            return sum(values) / len(values)
+    return None
+
+
+def _stage_seconds(mlflow_run_id: str) -> dict[str, float]:
+    """Seconds by stage summed over the run, from the `time/*_seconds` metrics the stages log when they really run
+    (the latest value per step: a stage repeated after a crash logs its step again)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    totals = {}
+    for key in client.get_run(mlflow_run_id).data.metrics:
+        if key.startswith("time/") and key.endswith("_seconds"):
+            history = sorted(client.get_metric_history(mlflow_run_id, key), key=lambda m: m.timestamp)
+            totals[key.removeprefix("time/").removesuffix("_seconds")] = sum({m.step: m.value for m in history}.values())
+    return totals
 
 
 def _artifact_key(run_key: str) -> str:
@@ -156,9 +269,13 @@ def _artifact_key(run_key: str) -> str:
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    def cell(v: Any) -> str:
+        return ", ".join(f"{k} {x:.4g}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+    rows = "\n".join(f"| {k} | {cell(v)} |" for k, v in summary.items())
     return f"# lanpo run `{summary['run_key']}`\n\n| field | value |\n|---|---|\n{rows}\n"
 
 
 def total_stages(cfg: RunConfig) -> int:
-    return cfg.grpo.steps * len(STAGES) + sum(eval_due(s, cfg) for s in range(cfg.grpo.steps))
+    return (cfg.grpo.steps * len(STAGES) + sum(eval_due(s, cfg) for s in range(cfg.grpo.steps))
+            + cfg.eval.at_start)

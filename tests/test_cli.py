@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,53 @@ def test_prepare_main_job():
     assert "policy:   smollm2-135m-instruct" in result.stdout and "llama, 30 layers, hidden 576" in result.stdout
     assert "embedder: all-minilm-l6-v2 (dim 384" in result.stdout
     assert result.stdout.rstrip().endswith("ready.")
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds `marker` (every process a command starts inherits its environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_first_train_run_shows_only_lanpo_on_the_console(tmp_path):
+    """`lanpo train` as on a new machine (a fresh Prefect home, lanpo's own defaults, the real model and vLLM engine,
+    a tiny setting): the terminal shows lanpo's lines, the progress bar and the final table, library output goes to
+    the run's log, and nothing is left running."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k not in {"PREFECT_LOGGING_LEVEL", "DO_NOT_TRACK",
+                                                                 "MLFLOW_DISABLE_TELEMETRY",
+                                                                 "PREFECT_SERVER_ANALYTICS_ENABLED"}}
+    env.update(PREFECT_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tiny = ["grpo.steps=1", "eval.limit=2", "eval.samples=1", "rollout.batch_problems=2", "rollout.max_new_tokens=8",
+            "eval.max_new_tokens=8", "lanpo.abstraction.max_new_tokens=16"]
+    cmd = [str(Path(sys.executable).with_name("lanpo")), "train", *[f"--set={x}" for x in tiny]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=900)
+    logs = list(tmp_path.glob("runs/*/lanpo.log"))
+    assert proc.returncode == 0, out + err + "".join(log.read_text()[-3000:] for log in logs)
+
+    console = out + err
+    assert "Traceback" not in console
+    assert not re.search(r"warning|telemetry", console, re.IGNORECASE), console
+    assert re.search(r"step 1/1 update-policy.*reward \d\.\d\d, held-out \d\.\d\d", err)
+    rows = re.findall(r"^  arithmetic-heldout (greedy|mean@1) +(\S+) +(\S+)$", out, re.MULTILINE)
+    assert sorted(kind for kind, _, _ in rows) == ["greedy", "mean@1"], out
+    assert all(0 <= float(x) <= 1 for _, before, after in rows for x in (before, after))
+    assert re.search(r"^  update +\d+\.\d$", out, re.MULTILINE) and re.search(r"^  total +\d+\.\d$", out, re.MULTILINE)
+    assert Path(re.search(r"^  checkpoint  (\S+)$", out, re.MULTILINE).group(1)).is_dir()
+    assert re.search(r"^  MLflow UI   \S*mlflow ui --backend-store-uri sqlite:///\S+mlflow.db --port 5000$", out,
+                     re.MULTILINE)
+    log = Path(re.search(r"^  log +(\S+)$", out, re.MULTILINE).group(1))
+    assert logs == [log] and "Starting temporary server" in log.read_text()  # library output went there
+
+    deadline = time.monotonic() + 15  # vLLM's watchdog and the Prefect server stop within seconds of the exit
+    while _processes_with(str(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(str(home)) == []

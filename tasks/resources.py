@@ -20,9 +20,6 @@ from typing import Any
 from lanpo_core.config import RunConfig, load_config
 
 log = logging.getLogger(__name__)
-# datasets (inside TRL's trainer set-up) pickles with dill, whose trace logger dumps bytecode at INFO level into
-# the flow's logs; it is debugging noise for us.
-logging.getLogger("dill").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")  # vLLM accepts only "1"
 os.environ.setdefault("LANPO_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 # Prefect: a fresh home (database, results) per test session, never the user's ~/.prefect; no server is assumed
 # (flows start Prefect's ephemeral API) and none may be left running.

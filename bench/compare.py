@@ -52,7 +52,8 @@ EVAL_KEYS = {"mean_at_2": "zero-shot mean@2 (T=0.7)", "greedy": "zero-shot greed
 
 def common_overrides(seed: int, steps: int | None, out: Path, extra: list[str]) -> list[str]:
     budget = [f"grpo.steps={steps}", f"eval.every={max(1, steps // 2)}"] if steps else []
-    return [f"seed={seed}", "eval.feedback=true", f"paths.runs_dir={out / 'runs'}",
+    # eval.at_start off: the base model is evaluated once per seed by its own job (worker_base), not in every arm
+    return [f"seed={seed}", "eval.feedback=true", "eval.at_start=false", f"paths.runs_dir={out / 'runs'}",
             "tracking.experiment=lanpo-compare", *budget, *extra]
 
 

@@ -77,7 +77,9 @@ def stage_times(tracking_uri: str) -> tuple[dict[str, dict[int, float]], dict[in
     run = client.search_runs([exp.experiment_id], max_results=1)[0]
     stages: dict[str, dict[int, float]] = defaultdict(dict)
     for stage in STAGES:
-        for m in client.get_metric_history(run.info.run_id, f"time/{stage}_seconds"):
+        # the latest value per step: a stage repeated after a crash logs its step again
+        history = sorted(client.get_metric_history(run.info.run_id, f"time/{stage}_seconds"), key=lambda m: m.timestamp)
+        for m in history:
             stages[stage][m.step] = m.value
     tokens: dict[int, float] = defaultdict(float)
     for name in ("update/tokens/trained", "update/tokens/prompt_trained"):

@@ -84,6 +84,8 @@ def resolve_dtype(setting: str) -> str:
 
 def describe(config) -> dict[str, str]:
     """The precision every stage of `config` resolves to, and why (logged, and recorded as MLflow params)."""
+    import torch
+
     support = bf16_support()
     return {
         "precision/update_bf16": str(resolve_bf16(config.grpo.bf16)).lower(),
@@ -91,11 +93,5 @@ def describe(config) -> dict[str, str]:
         "precision/transformers_dtype": resolve_dtype(config.rollout.transformers_dtype),
         "precision/reason": support.reason,
         "hardware/cpu": cpu_name(),
-        "hardware/torch_threads": str(_torch_threads()),
+        "hardware/torch_threads": str(torch.get_num_threads()),
     }
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

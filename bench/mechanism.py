@@ -19,7 +19,7 @@ configs/tiny-cpu.yaml, the verifier, a LanceDB pool with MiniLM embeddings, `Fee
    `extractive` (no model: the number-free statements that recur in the retrieved problems, so the result does not
    depend on how well a 135M model summarises) and `policy` (the tiny model itself writes the lessons, as in a
    default run).
-The pool is only read in step 2 (`store_lessons=False`), so both abstractors see the same pool.
+The pool is only read in step 2 (a builder never writes), so both abstractors see the same pool.
 Pass: abstraction-conditioned rollouts score higher than plain ones with the extractive abstractor, and the guard
 drops nothing and no context holds the target's gold answer (checked again here, independently of the guard).
 """
@@ -121,7 +121,7 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
             lanpo = cfg.lanpo.model_copy(deep=True)
             lanpo.abstraction.abstractor = name
             builder = FeedbackBuilder(pool, lanpo, cfg.prompts, None if name == "extractive" else policy_abstractor,
-                                      extraction=cfg.verify.extraction, seed=seed, store_lessons=False)
+                                      extraction=cfg.verify.extraction, seed=seed)
             batch = builder.abstraction(unknown, step=None)
             contexts = {p.id: batch.get(p.id, "abstraction") for p in unknown}
             leaks = sum(answer_in_text(c.context_text, p.answer) for p in unknown if (c := contexts[p.id]))

@@ -1,10 +1,10 @@
-"""Benchmark of the experience pool (issue #4), and the calibration of the abstraction thresholds.
+"""Benchmark of the experience pool, and the calibration of the abstraction thresholds.
 
     .venv/bin/python bench/pool.py [--sizes 10000,100000] [--queries 200] [--skip-calibration]
                                    [--out bench/results/pool.json]
 
 Data: real GSM8K train questions (shared data folder) embedded with the bundled all-MiniLM-L6-v2 (the embeddings
-are cached under `<lanpo cache>/bench/`, they take minutes on a busy 2-core machine). Each stored row is a
+are cached under `<lanpo cache>/bench/`). Each stored row is a
 realistic rollout: the question, the GSM8K reference solution padded to ~1,000 characters (a 256-token
 response), reward 0/1 at random (50 %), G=8 rollouts per problem per step.
 
@@ -12,10 +12,9 @@ response), reward 0/1 at random (50 %), G=8 rollouts per problem per step.
    (a) embedding excluded (vectors already cached) and (b) embedding included (8 new problems per step, embedded
    in the write); plus bulk rows/s (5,000-row writes) used to build the large tables.
 2. **query**, at each size: latency p50/p95 of `similar_experiences` (top-4, run filter, reward > 0, other
-   problems only, min_similarity 0.6, duplicate_similarity 0.9), three ways: the pool's in-memory problem-level
-   index (`search: memory`, the default, exact; plus the time to load it from the table), LanceDB brute force
-   over rows, LanceDB with an IVF_PQ or IVF_HNSW_SQ index (recall of their top-4 problems against the exact one,
-   build time); `earlier_attempts` latency for 8 problems; disk bytes per 1,000 rows.
+   problems only, min_similarity 0.6, duplicate_similarity 0.9) on the pool's in-memory problem-level index (exact),
+   plus the time to load that index from the table; `earlier_attempts` latency for 8 problems; disk bytes per
+   1,000 rows.
 3. **calibration** of `abstraction.min_similarity` / `duplicate_similarity` for MiniLM on GSM8K train (all 7,473
    questions), MATH-500 and the 1-digit arithmetic set: random-pair percentiles, k-th neighbour similarities,
    coverage (share of problems with >= 1 / >= 4 neighbours in [t, 0.9)) in the full pool and in a 512-problem pool
@@ -100,7 +99,7 @@ def pct(values: list[float], q: float) -> float:
 def bench_ingest(rows, vectors, embedder, workdir: Path) -> dict:
     rng = random.Random(0)
     out = {}
-    pool = ExperiencePool(workdir / "ingest-a", "bench", embedder=embedder, index_min_rows=None, optimize_every=0)
+    pool = ExperiencePool(workdir / "ingest-a", "bench", embedder=embedder, optimize_every=0)
     pool.remember_embeddings({r["id"]: v for r, v in zip(rows, vectors)})
     times = []
     for step in range(40):
@@ -111,7 +110,7 @@ def bench_ingest(rows, vectors, embedder, workdir: Path) -> dict:
     out["step_rows"] = B * G
     out["rows_per_s_embedding_excluded"] = B * G * len(times) / sum(times)
     out["step_ms_p50_embedding_excluded"] = pct(times, 50)
-    pool = ExperiencePool(workdir / "ingest-b", "bench", embedder=embedder, index_min_rows=None, optimize_every=0)
+    pool = ExperiencePool(workdir / "ingest-b", "bench", embedder=embedder, optimize_every=0)
     times = []
     for step in range(20):
         recs = records(rows[1000 + step * B:1000 + (step + 1) * B], rng)
@@ -129,10 +128,10 @@ def bench_ingest(rows, vectors, embedder, workdir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ query
 def build_table(rows, vectors, size: int, workdir: Path) -> tuple[ExperiencePool, float]:
     rng = random.Random(1)
-    pool = ExperiencePool(workdir / f"pool-{size}", "bench", index_min_rows=None, optimize_every=0)
+    pool = ExperiencePool(workdir / f"pool-{size}", "bench", optimize_every=0)
     pool.remember_embeddings({r["id"]: v for r, v in zip(rows, vectors)})
     # a second run in the same folder (10 % of the rows), so the run filter has work to do
-    other = ExperiencePool(pool.uri, "other-run", index_min_rows=None, optimize_every=0)
+    other = ExperiencePool(pool.uri, "other-run", optimize_every=0)
     other._vectors = pool._vectors
     per_step = 5000
     written, step, t = 0, 0, time.perf_counter()
@@ -157,9 +156,9 @@ def build_table(rows, vectors, size: int, workdir: Path) -> tuple[ExperiencePool
     return pool, size / seconds
 
 
-def time_queries(pool, queries, search: str, use_index: bool = True) -> tuple[list[float], list[list[str]]]:
+def time_queries(pool, queries) -> tuple[list[float], list[list[str]]]:
     times, results = [], []
-    kw = dict(top_k=TOP_K, min_similarity=MIN_SIM, duplicate_similarity=DUP_SIM, search=search, use_index=use_index)
+    kw = dict(top_k=TOP_K, min_similarity=MIN_SIM, duplicate_similarity=DUP_SIM)
     for r in queries[:5]:  # warm-up (file cache, index load)
         pool.similar_experiences(r["id"], r["question"], **kw)
     for r in queries:
@@ -170,13 +169,9 @@ def time_queries(pool, queries, search: str, use_index: bool = True) -> tuple[li
     return times, results
 
 
-def summary(times: list[float], results: list[list[str]], truth: list[list[str]] | None = None) -> dict:
-    out = {"p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "queries": len(times),
-           "mean_results": float(np.mean([len(x) for x in results]))}
-    if truth is not None:
-        pairs = [(a, b) for a, b in zip(results, truth) if b]
-        out["recall_vs_exact"] = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in pairs]))
-    return out
+def summary(times: list[float], results: list[list[str]]) -> dict:
+    return {"p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "queries": len(times),
+            "mean_results": float(np.mean([len(x) for x in results]))}
 
 
 def bench_size(rows, vectors, size: int, n_queries: int, workdir: Path) -> dict:
@@ -191,16 +186,14 @@ def bench_size(rows, vectors, size: int, n_queries: int, workdir: Path) -> dict:
     res["disk_bytes_per_1k_rows"] = pool.table.stats()["total_bytes"] / size * 1000  # live data, compacted
     res["disk_bytes_per_1k_rows_with_history"] = pool.disk_bytes() / size * 1000  # + every old version
     # a fresh process-like pool object: the first query loads the run's in-memory index from the table
-    fresh = ExperiencePool(pool.uri, "bench", index_min_rows=None, optimize_every=0)
+    fresh = ExperiencePool(pool.uri, "bench", optimize_every=0)
     fresh._vectors = {}
     t = time.perf_counter()
     fresh._index()
     res["memory_index_load_s"] = time.perf_counter() - t
     fresh.remember_embeddings({r["id"]: v for r, v in zip(rows, vectors)})  # query embeddings: cached, as in a run
-    mem_t, mem_r = time_queries(fresh, queries, "memory")
+    mem_t, mem_r = time_queries(fresh, queries)
     res["memory"] = summary(mem_t, mem_r)
-    flat_t, flat_r = time_queries(fresh, queries[:50], "lance", use_index=False)
-    res["lance_flat"] = summary(flat_t, flat_r, mem_r[:50])
     pids = [q["id"] for q in queries[:8]]
     t_att = []
     for _ in range(30):
@@ -208,23 +201,6 @@ def bench_size(rows, vectors, size: int, n_queries: int, workdir: Path) -> dict:
         fresh.earlier_attempts(pids, 1, "most_recent")
         t_att.append(time.perf_counter() - t)
     res["earlier_attempts_8_problems"] = {"p50_ms": pct(t_att, 50), "p95_ms": pct(t_att, 95)}
-    from lancedb.index import IvfHnswSq, IvfPq
-
-    for name, config in (("lance_IVF_PQ", IvfPq(distance_type="cosine", num_partitions=int(np.sqrt(size)),
-                                                num_sub_vectors=48)),
-                         ("lance_IVF_HNSW_SQ", IvfHnswSq(distance_type="cosine",
-                                                         num_partitions=max(1, int(np.sqrt(size) / 4))))):
-        t = time.perf_counter()
-        pool.table.create_index("vector", config=config, replace=True)
-        build_s = time.perf_counter() - t
-        fresh = ExperiencePool(pool.uri, "bench", index_min_rows=None, optimize_every=0)
-        fresh._vectors = pool._vectors
-        idx_t, idx_r = time_queries(fresh, queries, "lance", use_index=True)
-        res[name] = summary(idx_t, idx_r, mem_r)
-        res[name]["build_s"] = build_s
-        res[name]["index_bytes_per_1k_rows"] = (pool.table.stats()["total_bytes"] / size * 1000
-                                                - res["disk_bytes_per_1k_rows"])
-        pool.table.drop_index(fresh.vector_index())
     shutil.rmtree(pool.uri, ignore_errors=True)
     return res
 
@@ -316,7 +292,9 @@ def main() -> None:
     rows = load_gsm8k("train")
     embedder = load_embedder("all-minilm-l6-v2")
     vectors = cached_embeddings("gsm8k-train-questions", [r["question"] for r in rows], embedder)
-    result: dict = {"machine": f"{os.cpu_count()} cores", "load_avg_start": os.getloadavg(),
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    result: dict = {"machine": f"{os.cpu_count()} cores, {cpu}", "load_avg_start": os.getloadavg(),
                     "lancedb": __import__("lancedb").__version__, "B": B, "G": G}
     workdir = Path(tempfile.mkdtemp(prefix="lanpo-bench-pool-"))
     try:
@@ -338,15 +316,12 @@ def main() -> None:
     print(f"\ningest (B={B} x G={G} rows per step): {ing['rows_per_s_embedding_excluded']:.0f} rows/s embedding "
           f"excluded, {ing['rows_per_s_embedding_included']:.0f} rows/s included "
           f"(embedder {ing['embed_texts_per_s']:.0f} texts/s)")
-    print(f"{'rows':>7} | {'bulk rows/s':>11} | {'MB/1k rows':>10} | {'memory p50/p95 ms':>17} | "
-          f"{'lance flat p50/p95':>18} | {'IVF_PQ p50/p95 (recall)':>24} | {'HNSW_SQ p50/p95 (recall)':>24} | "
-          f"{'attempts p50':>12}")
+    print(f"{'rows':>7} | {'bulk rows/s':>11} | {'MB/1k rows':>10} | {'index load s':>12} | "
+          f"{'memory p50/p95 ms':>17} | {'attempts p50':>12}")
     for size, r in result["sizes"].items():
-        m, f, pq, hn = r["memory"], r["lance_flat"], r["lance_IVF_PQ"], r["lance_IVF_HNSW_SQ"]
+        m = r["memory"]
         print(f"{size:>7} | {r['bulk_rows_per_s']:>11.0f} | {r['disk_bytes_per_1k_rows'] / 1e6:>10.2f} | "
-              f"{m['p50_ms']:>7.2f} / {m['p95_ms']:>7.2f} | {f['p50_ms']:>8.1f} / {f['p95_ms']:>7.1f} | "
-              f"{pq['p50_ms']:>6.1f} / {pq['p95_ms']:>6.1f} ({pq['recall_vs_exact']:.2f}) | "
-              f"{hn['p50_ms']:>6.1f} / {hn['p95_ms']:>6.1f} ({hn['recall_vs_exact']:.2f}) | "
+              f"{r['memory_index_load_s']:>12.2f} | {m['p50_ms']:>7.2f} / {m['p95_ms']:>7.2f} | "
               f"{r['earlier_attempts_8_problems']['p50_ms']:>9.1f} ms")
     print(f"wrote {out}")
 

@@ -1,4 +1,4 @@
-"""Benchmark of the rollout engine (issue #3), all measured in one run on the default model.
+"""Benchmark of the rollout engines (lanpo_core/rollout/), all measured in one run on the default model.
 
     .venv/bin/python bench/rollout.py [--prompts 16] [--n 8] [--max-new-tokens 128] [--cycles 30]
                                       [--out bench/results/rollout.json]

@@ -1,6 +1,8 @@
-"""Benchmark of the LANPO policy update (issue #5) against TRL's own GRPOTrainer step, in one run.
+"""Benchmark of the LANPO policy update against its FLOP estimate and TRL's own GRPOTrainer step, in one run.
 
-    .venv/bin/python bench/update.py [--steps 2] [--dtypes fp32,bf16] [--out /tmp/lanpo-bench-update.json]
+    .venv/bin/python bench/update.py [--steps 3] [--dtypes auto] [--modes ours,ours_all,trl_same,trl_gen]
+
+`--dtypes` takes `auto` (the config default: bf16 autocast where bf16 is native, else fp32), `fp32` and `bf16`.
 
 Default model (bundled SmolLM2-135M-Instruct), B=8 problems x G=8 rollouts, completions up to 64 tokens.
 
@@ -17,6 +19,10 @@ Default model (bundled SmolLM2-135M-Instruct), B=8 problems x G=8 rollouts, comp
    * `trl_gen`    TRL GRPOTrainer.train() as users run it: it generates its own 64 completions (HF generate,
                   T=1, up to 64 tokens) from the same 8 prompts; generation + scoring time is subtracted.
    Step time = wall time of a whole optimiser step (TRL: on_step_begin -> on_step_end callbacks; ours: step()).
+3. The machine's fp32 matmul rate (bench/main_job.py's probe, before and after each of our workers, so it is
+   measured under the same load) gives the FLOP estimate of our update: 6 x matmul parameters x trained prompt +
+   completion tokens. The table shows update time / estimate. Times are medians over the steps after the first
+   (which includes one-off allocation and kernel set-up).
    TRL's generation time is measured around `_generate_and_score_completions` (what TRL's profiler reports as
    `_prepare_inputs`; its profiling metrics go only to wandb/mlflow, so we time the same call directly).
 """
@@ -37,6 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from main_job import matmul_params, matmul_probe  # noqa: E402  (bench/ is the script's folder)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -145,11 +153,21 @@ def worker_gen(out: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- workers
 def bench_config(dtype: str, **grpo):
+    """`auto` leaves `grpo.bf16` at the config default; `fp32` / `bf16` set it."""
     from lanpo_core.config import RunConfig
 
+    if dtype != "auto":
+        grpo = {"bf16": dtype == "bf16", **grpo}
     return RunConfig.model_validate({
         "rollout": {"num_generations": G, "batch_problems": B, "max_new_tokens": MAX_NEW},
-        "grpo": {"bf16": dtype == "bf16", "micro_batch_size": 8, "steps": 10, **grpo}})
+        "grpo": {"micro_batch_size": 8, "steps": 10, **grpo}})
+
+
+def precision(dtype: str) -> str:
+    """What `dtype` resolves to on this machine: fp32 or bf16."""
+    from lanpo_core.hardware import resolve_bf16
+
+    return "bf16" if resolve_bf16(bench_config(dtype).grpo.bf16) else "fp32"
 
 
 def worker_ours(data: dict, dtype: str, steps: int, all_sequences: bool) -> dict:
@@ -184,6 +202,7 @@ def worker_ours(data: dict, dtype: str, steps: int, all_sequences: bool) -> dict
     return {"mode": "ours_all" if all_sequences else "ours", "dtype": dtype, "step_s": times,
             "update_s": times, "update_cpu_s": cpu, "prepare_s": [m["time/prepare_s"] for m in metrics],
             "sequences": last["samples/trained"], "tokens": last["tokens/trained"],
+            "prompt_tokens": last["tokens/prompt_trained"], "precision": precision(dtype),
             "zero_variance_groups": last["zero_variance_groups"], "dropped": last["dropped_negatives"],
             "is_n": last["is/n"], "checkpoint_s": ckpt_s, "checksum": info.checksum[:12],
             "threads": torch.get_num_threads(), "peak_rss_gb": peak_rss_gb()}
@@ -266,7 +285,8 @@ def worker_trl(data: dict, dtype: str, steps: int, own_generation: bool) -> dict
         logs = [h for h in trainer.state.log_history if "step_time" in h]
     update = [s - g for s, g in zip(step_times, gen_times)]
     update_cpu = [s - g for s, g in zip(step_cpu, gen_cpu)]
-    return {"mode": "trl_gen" if own_generation else "trl_same", "dtype": dtype, "step_s": step_times,
+    return {"mode": "trl_gen" if own_generation else "trl_same", "dtype": dtype, "precision": precision(dtype),
+            "step_s": step_times,
             "gen_s": gen_times, "update_s": update, "update_cpu_s": update_cpu, "sequences": B * G,
             "trl_step_time": [h["step_time"] for h in logs],
             "mean_completion": [h.get("completions/mean_length") for h in logs],
@@ -288,15 +308,30 @@ def run_worker(args: list[str]) -> dict:
     return out
 
 
-def summarise(results: list[dict]) -> str:
-    def med(xs):  # steady state: drop the first step when there are more
-        xs = xs[1:] if len(xs) > 1 else xs
-        return statistics.median(xs)
+def med(xs):  # steady state: drop the first step when there are more
+    xs = xs[1:] if len(xs) > 1 else xs
+    return statistics.median(xs)
 
-    rows = ["| dtype | engine | seqs trained | update wall s/step (each) | update CPU s/step | peak RSS GB "
-            "| wall vs trl_same | CPU vs trl_same | wall vs trl_gen | CPU vs trl_gen |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for dtype in ("fp32", "bf16"):
+
+def flop_estimate(results: list[dict]) -> None:
+    """Add `ideal_s` (6 x matmul params x trained tokens at the worker's `fp32_gflops`) and `over_estimate` to our
+    engines' results."""
+    from lanpo_core.models import resolve_policy
+
+    n_params = matmul_params(resolve_policy("smollm2-135m-instruct").path)
+    for r in results:
+        if r.get("mode") in ("ours", "ours_all"):
+            r["matmul_params"] = n_params
+            r["ideal_s"] = 6 * n_params * (r["tokens"] + r["prompt_tokens"]) / (r["fp32_gflops"] * 1e9)
+            r["over_estimate"] = med(r["update_s"]) / r["ideal_s"]
+
+
+def summarise(results: list[dict]) -> str:
+    rows = ["| dtype | engine | seqs trained | update wall s/step (each) | update CPU s/step | vs FLOP est. "
+            "| peak RSS GB | wall vs trl_same | CPU vs trl_same | wall vs trl_gen | CPU vs trl_gen |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results if "dtype" in r))
+    for dtype in dtypes:
         res = {r["mode"]: r for r in results if r.get("dtype") == dtype}
         base = {m: (med(res[m]["update_s"]), med(res[m]["update_cpu_s"])) for m in ("trl_same", "trl_gen")
                 if m in res}
@@ -305,20 +340,22 @@ def summarise(results: list[dict]) -> str:
                 continue
             r = res[mode]
             u, c = med(r["update_s"]), med(r["update_cpu_s"])
-            each = ", ".join(f"{x:.1f}" for x in r["update_s"])
+            each = ", ".join(f"{x:.2f}" for x in r["update_s"])
             ratios = []
             for m in ("trl_same", "trl_gen"):
                 ratios += [f"{u / base[m][0]:.2f}x", f"{c / base[m][1]:.2f}x"] if m in base else ["-", "-"]
-            rows.append(f"| {dtype} | {mode} | {r['sequences']:.0f} | {u:.1f} ({each}) | {c:.1f} | "
+            label = dtype if dtype == r["precision"] else f"{dtype} ({r['precision']})"
+            est = f"{r['over_estimate']:.2f}x" if "over_estimate" in r else "-"
+            rows.append(f"| {label} | {mode} | {r['sequences']:.0f} | {u:.2f} ({each}) | {c:.1f} | {est} | "
                         f"{r['peak_rss_gb']:.2f} | " + " | ".join(ratios) + " |")
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration (trl_gen: --gen-steps)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration (trl_gen: --gen-steps)")
     ap.add_argument("--gen-steps", type=int, default=1, help="steps for trl_gen (each one generates 64 completions)")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="auto", help="comma-separated: auto, fp32, bf16")
     ap.add_argument("--modes", default="ours,ours_all,trl_same,trl_gen")
     ap.add_argument("--out", default="/tmp/lanpo-bench-update.json")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -338,6 +375,7 @@ def main() -> None:
         return
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    probes = []
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "rollouts.json"
         print(f"B={B} G={G} max_new_tokens={MAX_NEW}, {a.steps} steps per configuration", flush=True)
@@ -346,16 +384,28 @@ def main() -> None:
         for dtype in a.dtypes.split(","):
             for mode in a.modes.split(","):
                 steps = a.gen_steps if mode == "trl_gen" else a.steps
-                results.append(run_worker([mode, str(data_path), dtype, str(steps)]))
+                ours = mode in ("ours", "ours_all")
+                before = matmul_probe(os.environ.copy()) if ours else None  # the rate as loaded as the worker
+                result = run_worker([mode, str(data_path), dtype, str(steps)])
+                if ours:
+                    probes += [before, matmul_probe(os.environ.copy())]
+                    result["fp32_gflops"] = (before["fp32_gflops"] + probes[-1]["fp32_gflops"]) / 2
+                results.append(result)
         data = json.loads(data_path.read_text())
+    flop_estimate(results)
+    rates = ", ".join(f"{p['fp32_gflops']:.0f}" for p in probes)
     lengths = [len(r["completion_ids"]) for r in data["rollouts"]]
     header = (f"started {started}; rollouts: {len(lengths)} completions, mean {statistics.mean(lengths):.1f} / max "
               f"{max(lengths)} tokens, reward mean {gen['reward_mean']:.2f}; load average at end "
               f"{os.getloadavg()[0]:.1f} (2 shared cores)")
+    if probes:
+        header += (f"\nCPU {probes[0]['cpu']}; fp32 matmul {rates} GFLOP/s on {probes[0]['threads']} threads "
+                   "(before and after each of our workers; its FLOP estimate uses the mean of its two)")
     table = summarise(results)
     print(header)
     print(table)
-    Path(a.out).write_text(json.dumps({"header": header, "table": table, "results": results}, indent=2))
+    Path(a.out).write_text(json.dumps({"header": header, "table": table, "matmul_probes": probes,
+                                       "results": results}, indent=2))
     print(f"wrote {a.out}")
 
 

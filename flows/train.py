@@ -1,9 +1,9 @@
 """The LANPO training flow (and, with `rollout_mix: {plain: 1}`, the plain-GRPO baseline).
 
-Per step, in the order of METHOD.md: build feedback contexts from the pool -> generate the group's rollouts
-(plain, reflection, abstraction) -> verify and score -> write the pool -> GRPO update -> evaluate every
-`eval.every` steps and at the end. Each stage is a cached Prefect task (tasks/stages.py), so re-running a
-finished flow completes from the cache, and a flow killed at any stage resumes at the first unfinished one.
+The loop of `lanpo_core.step.train`, with each stage a cached Prefect task (tasks/stages.py): per step, build
+feedback contexts from the pool -> generate the group's rollouts (plain, reflection, abstraction) -> verify and
+score -> write the pool -> GRPO update -> evaluate every `eval.every` steps and at the end. Re-running a finished
+flow completes from the cache, and a flow killed at any stage resumes at the first unfinished one.
 """
 
 from __future__ import annotations
@@ -39,14 +39,17 @@ warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions"
 logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
 
 # imported after the defaults above
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.filesystems import LocalFileSystem
 
-from lanpo_core.config import RunConfig, load_config
+from lanpo_core.checkpoint import latest_checkpoint
+from lanpo_core.config import RunConfig, build_config, load_config
+from lanpo_core.runtime import PolicyRef, data_dir
+from lanpo_core.step import eval_due, problems_for_step
 from tasks import tracking
-from tasks.resources import PolicyRef, RunHandle, release
+from tasks.resources import RunHandle, release
 from tasks.stages import build_feedback, evaluate_policy, generate_rollouts, score, update_policy, write_pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +100,12 @@ def run_folder(cfg: RunConfig, run_name: str | None) -> Path:
     return (Path(cfg.paths.runs_dir) / f"{slug}-{cfg.digest()[:8]}").resolve()
 
 
-def open_run(cfg: RunConfig, config_path: str | None, overrides: list[str], run_name: str | None) -> RunHandle:
+def open_run(cfg: RunConfig, run_name: str | None) -> RunHandle:
     """The run's identity and folder."""
     run_dir = run_folder(cfg, run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(_yaml(cfg))
-    return RunHandle(run_dir.name, str(run_dir), config_path, tuple(overrides), cfg.digest())
+    return RunHandle.for_run(cfg, run_dir)
 
 
 def _yaml(cfg: RunConfig) -> str:
@@ -111,16 +114,15 @@ def _yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Fail before the first stage on what would fail later: data files, model specs."""
+def check_inputs(cfg: RunConfig) -> list:
+    """Fail before the first stage on what would fail later: data files, model specs. Returns the training problems."""
     from lanpo_core.data import load_problems
     from lanpo_core.models import resolve_embedder, resolve_policy
 
-    base = Path(cfg.source).parent if cfg.source else None
-    for spec in [cfg.data.train, *cfg.data.eval]:
-        load_problems(spec, base)
+    train, *_ = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
     resolve_policy(cfg.model.name_or_path, cfg.paths.cache_dir)  # prepares the bundled model on first use
     resolve_embedder(cfg.pool.embedding_model)
+    return train.problems
 
 
 def result_storage(run: RunHandle) -> LocalFileSystem:
@@ -146,28 +148,21 @@ def _prefect_tags() -> dict[str, str]:
         return {}
 
 
-def eval_due(step: int, cfg: RunConfig) -> bool:
-    last = step == cfg.grpo.steps - 1
-    return last or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
-
-
 # No `log_prints`: lanpo logs rather than prints, and Prefect's print patch also took what libraries print into a
 # captured sys.stdout (dill disassembling functions while datasets fingerprints a dataset) into the run's logs.
 @flow(name="lanpo-train", persist_result=True)
-def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
+def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] | None = None,
                 run_name: str | None = None) -> dict[str, Any]:
     """Train a policy with LANPO (or plain GRPO when the config's rollout mix is plain only).
 
-    config: path of a YAML run config (relative paths are also looked up in the repository).
+    config: path of a YAML run config (relative paths are also looked up in the repository), or a RunConfig.
     overrides: dotted KEY=VALUE overrides, e.g. ["grpo.learning_rate=1e-6", "grpo.steps=4"].
-    run_name: name of the run (default: the config's `name`); the same name, config and overrides resume/reuse it.
+    run_name: name of the run (default: the config's `name`); the same name and config resume/reuse it.
     """
     logger = get_run_logger()
-    overrides = list(overrides or [])
-    config_path = resolve_config_path(config)
-    cfg = load_config(config_path, overrides)
-    check_inputs(cfg)
-    run = open_run(cfg, config_path, overrides, run_name)
+    cfg = _config(config, list(overrides or []))
+    train_problems = check_inputs(cfg)
+    run = open_run(cfg, run_name)
     logger.info("run %s in %s", run.key, run.run_dir)
 
     policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
@@ -175,16 +170,17 @@ def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
         with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=_prefect_tags()) as mlflow_run_id:
             stage = _Stages(run, mlflow_run_id)
             if cfg.eval.at_start:  # the "before" of the run's accuracy; cached like every stage
-                before = stage("evaluate-policy", policy)
+                before = stage(evaluate_policy, policy)
             for step in range(cfg.grpo.steps):
                 stage.step = step + 1
-                feedback = stage("build-feedback", step, policy, pool_version)
-                completions = stage("generate-rollouts", step, policy, feedback)
-                rollouts = stage("score-rollouts", step, policy, completions)
-                pool_version = stage("write-pool", step, rollouts, feedback)
-                policy = stage("update-policy", step, policy, rollouts)
+                problems = problems_for_step(train_problems, step, cfg.rollout.batch_problems, cfg.seed)
+                feedback = stage(build_feedback, step, problems, policy, pool_version)
+                completions = stage(generate_rollouts, step, problems, policy, feedback)
+                rollouts = stage(score, step, problems, policy, completions)
+                pool_version = stage(write_pool, step, problems, rollouts, feedback)
+                policy = stage(update_policy, step, problems, policy, rollouts)
                 if eval_due(step, cfg):
-                    evals = stage("evaluate-policy", policy)
+                    evals = stage(evaluate_policy, policy)
             summary = {"run_key": run.key, "run_dir": run.run_dir, "mlflow_run_id": mlflow_run_id,
                        "mlflow_tracking_uri": tracking.tracking_uri(cfg), "checkpoint": policy.path,
                        "checkpoint_checksum": policy.checksum, "steps": policy.step, "pool_version": pool_version,
@@ -202,7 +198,17 @@ def lanpo_train(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
                                      description=f"lanpo run {run.key}")
             return summary
     finally:
-        release(run)
+        release(run)  # waits for the last checkpoint write
+
+
+def _config(config: str | RunConfig, overrides: list[str]) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        cfg = build_config(config.model_dump(mode="json"), overrides)
+        cfg.source = config.source
+        return cfg
+    return load_config(resolve_config_path(config), overrides)
 
 
 class _Stages:
@@ -217,19 +223,30 @@ class _Stages:
         self.reward: float | None = None
         self.accuracy: float | None = None
 
-    def __call__(self, name: str, *args: Any) -> Any:
+    def __call__(self, stage: Task, *args: Any) -> Any:
+        name = stage.name
         hook = progress_hook.get()
         if hook:
             hook(StageEvent(name, self.step, False, self.reward, self.accuracy))
-        result = self.tasks[name](self.run, *args, self.mlflow_run_id)
-        if name == "score-rollouts":
+        task = self.tasks[name]
+        if stage is update_policy and not self._checkpoint_on_disk(self.step):
+            # The checkpoint is written in the background after the task has returned (and its result was cached):
+            # a run killed during that write has the update cached but not its checkpoint, so the update runs again
+            # (from the previous checkpoint, to the same weights). Older checkpoints may be pruned, never missing.
+            task = task.with_options(refresh_cache=True)
+        result = task(self.run, *args, self.mlflow_run_id)
+        if stage is score:
             rewards = [r.reward for r in result if r.reward is not None]
             self.reward = sum(rewards) / len(rewards) if rewards else None
-        elif name == "evaluate-policy":
+        elif stage is evaluate_policy:
             self.accuracy = headline_accuracy(result)
         if hook:
             hook(StageEvent(name, self.step, True, self.reward, self.accuracy))
         return result
+
+    def _checkpoint_on_disk(self, step: int) -> bool:
+        latest = latest_checkpoint(self.run.run_dir)
+        return latest is not None and latest.step >= step
 
 
 ACCURACY = re.compile(r"eval/(.+)/(greedy|mean_at_\d+|feedback_greedy)")

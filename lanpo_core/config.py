@@ -186,10 +186,8 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     """Most tokens generated per completion."""
     max_prompt_tokens: int = Field(1024, ge=16)
-    """Longest prompt; longer ones follow `overlong_prompt`."""
-    overlong_prompt: Literal["refuse", "truncate_context"] = "truncate_context"
-    """`truncate_context` left-truncates the feedback context (never the problem); `refuse` drops the request.
-    Either way it is counted and logged."""
+    """Longest prompt; a longer one is refused whole (nothing generated, counted and logged), never cut: a cut
+    feedback context could hide what the leakage guard audited."""
     logprobs: Literal["auto", "raw", "processed"] = "auto"
     """Per-token log-probs returned with each completion: `raw` = log-softmax of the unmodified logits (T=1, no
     top-k/top-p), `processed` = of the distribution actually sampled (after temperature, top-k, top-p); `auto` =
@@ -304,10 +302,6 @@ class PoolConfig(_Section):
     """Longer responses are truncated to this (head kept) before storage, and counted."""
     max_problem_chars: int = Field(8000, ge=100)
     """Rollouts whose problem text is longer are refused (counted): no benchmark problem comes near it."""
-    search: Literal["memory", "lance"] = "memory"
-    """Similar-experience search: the run's in-memory problem-level index (exact, fastest) or LanceDB vector search."""
-    index_min_rows: int | None = Field(None, ge=256)
-    """With `search: lance`, build the IVF_PQ index once the table holds this many rows; None never (bench/pool.py)."""
     optimize_every: int = Field(20, ge=0)
     """Compact fragments and update indices every N step writes (0: never); old versions are kept."""
     embed_batch_size: int = Field(64, ge=1)

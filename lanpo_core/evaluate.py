@@ -76,10 +76,8 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
                            seed: int = 0) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics `eval/<benchmark>/feedback_greedy` and `/feedback_coverage`, guard counts, and all predictions.
 
-    `builder` reads the training pool (`store_lessons=False`) and carries the abstractor.
+    `builder` reads the training pool and carries the abstractor; the lessons it makes are used, never stored.
     """
-    if builder.store_lessons:
-        raise ValueError("feedback evaluation must not write lessons into the training pool (store_lessons=False)")
     ev = cfg.eval
     predictions: list[Prediction] = []
     stats: dict[str, float] = {}

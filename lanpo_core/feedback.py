@@ -39,12 +39,13 @@ expression (`verify.answer_in_text`, the verifier's normaliser: `7` matches `7.0
 reward/correctness marker (`MARKER_RE`). A failing context is dropped (the rollout becomes plain) and counted.
 
 **Lessons** are parsed from the abstractor's text: bullet or numbered lines (else sentences), at most N; a lesson
-with a digit, a marker word, `\\boxed`, fewer than 10 or more than 300 characters is stripped (counted). They are
-cached in the pool keyed by the source experience ids and reused when the same sources come back; a set that
-yielded no usable lesson is not cached (asked again next time).
+with a digit, a marker word, `\\boxed`, fewer than 10 or more than 300 characters is stripped (counted). The
+builder never writes to the pool: lessons it makes travel in `FeedbackBatch.lesson_sets()` and are stored with the
+step (`ExperiencePool.write_step(..., lessons=...)`), keyed by the source experience ids; a stored set is reused
+when the same sources come back. A set that yielded no usable lesson is not kept (asked again next time).
 
 The abstractor is any `Abstractor`: a callable taking a batch of chat messages and returning one text per
-conversation. The flow plugs in the rollout engine (the current policy, or a fixed model); tests use a fake.
+conversation. Training plugs in `engine_abstractor` (a rollout engine, greedy); tests use a fake.
 `abstraction.abstractor: extractive` uses no model at all (`extractive_lessons`): the lessons are the statements
 that recur, word for word, in the problem texts of at least two retrieved experiences and hold no number. It cannot
 generalise a method, but it is deterministic, free, and carries a convention that related problems state and the
@@ -60,7 +61,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .config import LanpoConfig, PromptConfig
+from .config import LanpoConfig, PromptConfig, RunConfig
+from .pool import LessonSet, lesson_key
+from .rollout import RolloutRequest, SamplingSpec
 from .verify import EXTRACTORS, NUMBER_TOKEN, answer_in_text, boxed_spans, extract_answer, numeric_value
 
 log = logging.getLogger(__name__)
@@ -385,7 +388,7 @@ class FeedbackContext:
 
 @dataclass
 class FeedbackBatch:
-    """Contexts for one step's problems, keyed by (problem id, kind), and counts to log."""
+    """Contexts for one step's problems, keyed by (problem id, kind), the lesson sets made for them, and counts."""
 
     contexts: dict[tuple[str, str], FeedbackContext] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
@@ -393,32 +396,70 @@ class FeedbackBatch:
     `<kind>/dropped_reward_marker`, `reflection/redactions`, `abstraction/lessons_cached`,
     `abstraction/lessons_generated`, `abstraction/lessons_stripped`, `abstraction/no_lessons`,
     `abstraction/abstractor_calls`, ..."""
+    new_lessons: dict[str, LessonSet] = field(default_factory=dict)
+    """Lesson sets generated in this build (none read from the pool), by lesson key, in the order they were made.
+    A set whose context the guard dropped is kept too: the lessons are general, other problems may reuse them."""
 
     def get(self, problem_id: str, kind: str) -> FeedbackContext | None:
         return self.contexts.get((problem_id, kind))
 
+    def lesson_sets(self) -> list[LessonSet]:
+        """The lesson sets to store with the step: `pool.write_step(step, records, lessons=batch.lesson_sets())`."""
+        return list(self.new_lessons.values())
+
     def update(self, other: "FeedbackBatch") -> None:
         self.contexts.update(other.contexts)
+        for key, lesson_set in other.new_lessons.items():
+            self.new_lessons.setdefault(key, lesson_set)
         self.stats.update(other.stats)
 
     def metrics(self, prefix: str = "feedback/") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in sorted(self.stats.items())}
 
 
+# ----------------------------------------------------------------------------------------- abstractors
+def feedback_kinds(cfg: RunConfig) -> list[str]:
+    """The feedback kinds a training step builds: those the rollout mix gives at least one of the G rollouts."""
+    counts = cfg.lanpo.rollout_mix.counts(cfg.rollout.num_generations)
+    return [kind for kind in ("reflection", "abstraction") if counts[kind]]
+
+
+class EngineAbstractor:
+    """An `Abstractor` on a rollout engine: one request per conversation, greedy (the model's best summary, and
+    deterministic), seeded by the step, `abstraction.max_new_tokens` long. `tokens` counts what it generated
+    (part of what LANPO costs over GRPO)."""
+
+    def __init__(self, engine: Any, cfg: RunConfig, step: int) -> None:
+        self.engine = engine
+        self.sampling = SamplingSpec.from_config(cfg, seed=step, temperature=0.0,
+                                                 max_new_tokens=cfg.lanpo.abstraction.max_new_tokens)
+        self.tokens = 0
+
+    def __call__(self, conversations: list[Messages]) -> list[str]:
+        requests = [RolloutRequest(messages=m, n=1) for m in conversations]
+        completions = self.engine.generate(requests, self.sampling)
+        self.tokens += sum(len(c.completion_ids) for c in completions)
+        return [c.text for c in completions]
+
+
+def engine_abstractor(engine: Any, cfg: RunConfig, step: int) -> EngineAbstractor:
+    """The abstractor that writes step `step`'s lessons with `engine` (the policy's or a fixed model's)."""
+    return EngineAbstractor(engine, cfg, step)
+
+
 class FeedbackBuilder:
     """Builds reflection and abstraction contexts for a step's problems from the pool, through the guard.
 
     `problems` are `data.Problem`-likes (`.id`, `.question`, `.answer`). Call `build` before generating the
-    step's rollouts; lessons it creates are staged in the pool and written with the step (`pool.write_step`).
+    step's rollouts. The builder only reads the pool; the lesson sets it makes are in the returned batch
+    (`FeedbackBatch.lesson_sets()`), to be stored with the step.
     """
 
     def __init__(self, pool: Any, lanpo: LanpoConfig | None = None, prompts: PromptConfig | None = None,
                  abstractor: Abstractor | None = None, *, abstractor_name: str | None = None,
                  extraction: Sequence[str] = EXTRACTORS, seed: int = 0,
-                 guard: LeakageGuard | None = None, store_lessons: bool = True) -> None:
+                 guard: LeakageGuard | None = None) -> None:
         self.pool = pool
-        self.store_lessons = store_lessons
-        """False: new lessons are used but not staged in the pool (evaluation reads the training pool, never writes)."""
         self.lanpo = lanpo or LanpoConfig()
         self.prompts = prompts or PromptConfig()
         self.abstractor = abstractor
@@ -467,14 +508,15 @@ class FeedbackBuilder:
     # ------------------------------------------------------------------------------------ abstraction
     def abstraction(self, problems: Sequence[Any], step: int | None,
                     policy_version: int | None = None) -> FeedbackBatch:
-        """Abstraction contexts from experiences written before `step` (None: the whole pool, as evaluation reads it)."""
+        """Abstraction contexts from experiences written before `step` (None: the whole pool, as evaluation reads it).
+
+        Lessons come from the pool when stored for the same sources, else from one abstractor request per
+        distinct source set of this call; the new ones are in `batch.lesson_sets()`."""
         cfg = self.lanpo.abstraction
         batch = FeedbackBatch()
         sources: dict[str, list[Any]] = {}
         lessons_for: dict[str, list[str]] = {}
         requests: dict[str, tuple[Any, list[Any]]] = {}  # lesson key -> (first problem, experiences)
-        from .pool import lesson_key
-
         for p in problems:
             exps = self.pool.similar_experiences(
                 p.id, p.question, top_k=cfg.top_k, min_similarity=cfg.min_similarity,
@@ -484,21 +526,21 @@ class FeedbackBuilder:
                 batch.stats["abstraction/no_source"] += 1
                 continue
             sources[p.id] = exps
-            key = lesson_key(e.uid for e in exps)
-            cached = self.pool.get_lessons([e.uid for e in exps])
-            if cached is not None:
-                lessons_for[p.id] = cached
+            stored = self.pool.get_lessons([e.uid for e in exps])
+            if stored is not None:
+                lessons_for[p.id] = stored
                 batch.stats["abstraction/lessons_cached"] += 1
             else:
-                requests.setdefault(key, (p, exps))
-        generated = self._generate(requests, batch, step, policy_version)
+                requests.setdefault(lesson_key(e.uid for e in exps), (p, exps))
+        self._generate(requests, batch, step, policy_version)
         for p in problems:
             if p.id not in sources:
                 continue
             exps = sources[p.id]
             lessons = lessons_for.get(p.id)
             if lessons is None:
-                lessons = generated.get(lesson_key(e.uid for e in exps), [])
+                made = batch.new_lessons.get(lesson_key(e.uid for e in exps))
+                lessons = list(made.lessons) if made else []
             if not lessons:
                 batch.stats["abstraction/no_lessons"] += 1
                 continue
@@ -513,19 +555,21 @@ class FeedbackBuilder:
         return batch
 
     def _generate(self, requests: dict[str, tuple[Any, list[Any]]], batch: FeedbackBatch, step: int | None,
-                  policy_version: int | None) -> dict[str, list[str]]:
+                  policy_version: int | None) -> None:
+        """Ask for the lessons of every requested source set; the usable ones go to `batch.new_lessons`."""
         cfg = self.lanpo.abstraction
         if not requests:
-            return {}
+            return
         keys = list(requests)
         if self.abstractor_name == "extractive":
             texts = ["\n".join(f"- {x}" for x in extractive_lessons([e.problem_text for e in requests[k][1]],
                                                                      cfg.max_lessons, requests[k][0].question))
                      for k in keys]
-            return self._store(requests, keys, texts, batch, step, policy_version)
+            self._keep(requests, keys, texts, batch, step, policy_version)
+            return
         if self.abstractor is None:
             batch.stats["abstraction/no_abstractor"] += len(requests)
-            return {}
+            return
         conversations = [
             abstraction_request_messages([(e.problem_text, e.response) for e in requests[k][1]], cfg.max_lessons,
                                          self.prompts, cfg.max_experience_chars)
@@ -537,25 +581,20 @@ class FeedbackBuilder:
         except Exception as e:  # a failing abstractor costs this step its abstraction contexts, not the run
             log.warning("abstractor failed on %d requests: %s", len(conversations), e)
             batch.stats["abstraction/abstractor_errors"] += len(conversations)
-            return {}
+            return
         if len(texts) != len(conversations):
             raise ValueError(f"the abstractor returned {len(texts)} texts for {len(conversations)} conversations")
-        return self._store(requests, keys, texts, batch, step, policy_version)
+        self._keep(requests, keys, texts, batch, step, policy_version)
 
-    def _store(self, requests: dict[str, tuple[Any, list[Any]]], keys: list[str], texts: Sequence[str],
-               batch: FeedbackBatch, step: int | None, policy_version: int | None) -> dict[str, list[str]]:
+    def _keep(self, requests: dict[str, tuple[Any, list[Any]]], keys: list[str], texts: Sequence[str],
+              batch: FeedbackBatch, step: int | None, policy_version: int | None) -> None:
         cfg = self.lanpo.abstraction
-        out: dict[str, list[str]] = {}
         for key, text in zip(keys, texts):
             lessons, stripped = parse_lessons(text or "", cfg.max_lessons)
             batch.stats["abstraction/lessons_stripped"] += stripped
             if not lessons:
                 continue
             problem, exps = requests[key]
-            if self.store_lessons:
-                self.pool.put_lessons([e.uid for e in exps], lessons, step=step, problem_id=problem.id,
-                                      problem_text=problem.question, producer=self.abstractor_name,
-                                      policy_version=policy_version)
+            batch.new_lessons[key] = LessonSet(tuple(e.uid for e in exps), tuple(lessons), step, problem.id,
+                                               problem.question, self.abstractor_name, policy_version)
             batch.stats["abstraction/lessons_generated"] += 1
-            out[key] = lessons
-        return out

@@ -1,50 +1,24 @@
 """The experience pool (METHOD.md steps 3, 4 and 7): every rollout of every run, stored in LanceDB.
 
-One LanceDB table, `experiences`, at `PoolConfig.uri` (default: the embedded folder `<run dir>/pool`; any LanceDB
-URI works). One row per rollout, plus one row per cached lesson set (`kind = 'lesson'`), so that a training step's
-whole write, rollouts and lessons together, is **one append = one table version**.
+One LanceDB table, `experiences`, at `PoolConfig.uri`. One row per rollout (`RolloutRecord`) and one per stored
+lesson set (`LessonSet`, `kind = 'lesson'`). Every row carries `run_id`; every read filters on it.
 
-Row fields (METHOD.md step 7): `uid` (`<run>/<step>/<problem>/<rollout>`), `run_id`, `step`, `problem_id`,
-`rollout_index`, `kind` (plain / reflection / abstraction / lesson), `problem_text`, `text_key` (hash of the
-normalised problem text, for duplicate detection), `vector` (the problem's embedding), `context_ids` (ids of the
-context sources), `response`, `content_chars` (length of the stripped response), `response_truncated`,
-`extracted_answer`, `reward`, `policy_version`, `prompt_tokens`, `completion_tokens`, `lesson_key`, `lessons`,
-`producer`, `created_at`. Lesson rows carry the problem that first asked for them and the source experience ids.
-
-Rules (documented in docs/defaults.md as well):
-
-* **Atomic steps.** `write_step` validates and embeds everything first, builds one Arrow table and appends it once.
-  Lance commits an append by writing a new manifest as its last act, so a step that fails or is killed at any point
-  leaves the table at the previous version (tests/test_pool.py kills a writer mid-append). The version after the
-  step is returned; `open_at(version)` reopens any step's pool read-only. Old versions are never cleaned up here.
-* **Embeddings once.** A problem is embedded the first time it is seen, then taken from an in-memory cache or, in a
-  new process, from any stored row of that problem (any run: the schema records the embedding model, and a pool
-  refuses an embedder whose name or dimension differs).
-* **Several runs, one folder.** Every row carries `run_id`; every read filters on it. Lance appends from several
-  processes are compatible commits (optimistic concurrency with retries); maintenance conflicts are logged, not fatal.
-* **Bad input** is refused or repaired row by row, counted in the returned `WriteReport` and in `counters`; what is
-  already stored is never touched. Refused: empty problem text or id, a problem text over `max_problem_chars`, a
-  NaN/infinite or non-numeric reward (None is kept: the verifier's "unscorable"), an unknown kind, a negative
-  rollout index or token count, a uid already in the batch or the pool. Repaired: text that is not valid UTF-8
-  (bytes, lone surrogates) gets U+FFFD for the bad sequences; a response over `max_response_chars` keeps its head
-  (`response_truncated = True`); an extracted answer over 1000 characters keeps its head. An empty response is a
-  real outcome and is stored, but never shown as context.
-* **Reads go through an in-memory run index.** On first use the pool loads this run's row ids, steps, rollout
-  indices, emptiness and a success flag (reward > 0), one vector per problem, and the lesson sets (0.9 s at 100k
-  rows); its own writes keep it current. Candidate selection happens there; the few chosen rows are then fetched
-  by uid (a BTREE index on `uid` is built once the table has 5,000 rows). Similar-problem search is an exact
-  cosine over the run's distinct problems (all rollouts of a problem share its vector): 6.8 ms p50 at 100k rows
-  here, where LanceDB's own vector search over rows took 197 ms brute force and 39 ms with IVF_PQ (recall 0.93,
-  a 141 s build; bench/pool.py). `search="lance"` keeps that path (and `index_min_rows` its IVF_PQ index) for
-  comparison.
-  One writer per run: rows another process adds to the same run are seen after reopening.
-* **Reward-agnostic reflection reads.** `earlier_attempts` looks only at step, rollout index and emptiness; the
-  attempts it returns carry no reward. Most recent (latest step, then lowest rollout index) or uniform random
-  with a seed derived from (seed, problem, step).
-* **Similar experiences** come from *other* problems only: the same id and identical normalised text are
-  excluded, and so are near-duplicates (cosine >= `duplicate_similarity`) and weak matches (< `min_similarity`).
-  The top-k are distinct problems, one experience each (the earliest or latest eligible rollout; rewards of other
-  problems only enter through `successful_only`).
+* **One step, one version.** `write_step(step, records, lessons)` validates and embeds everything, then appends
+  rollouts and new lesson sets in one commit: a step that fails or is killed leaves the previous version. Rows
+  (uids) and lesson sets (keys) already stored are skipped, so repeating a write adds nothing. `open_at(version)`
+  reopens any step's pool read-only; old versions are kept.
+* **Embeddings once** per problem: memory cache, else any stored row of it, else the embedder. A pool refuses an
+  embedder other than the one its schema records.
+* **Bad rows are refused** and counted in `WriteReport.refused` (empty problem text or id, an over-long problem,
+  a NaN/infinite/non-numeric reward (None, "unscorable", is kept), an unknown kind, a negative index or token
+  count, a duplicate uid). Over-long responses and extracted answers keep their head (`WriteReport.repaired`).
+  A field of the wrong type is a caller bug and raises before anything is written.
+* **Reads go through an in-memory run index** (row ids, steps, flags, one vector per problem, lesson sets), loaded
+  once and kept current by this pool's own writes (one writer per run). Similar-problem search is an exact cosine
+  over the run's distinct problems; the chosen rows are then fetched by uid.
+* **Reflection reads are reward-agnostic**: `earlier_attempts` looks at step, rollout index and emptiness only.
+* **Similar experiences** come from other problems only (not the same id, identical normalised text or a
+  near-duplicate), one per problem.
 """
 
 from __future__ import annotations
@@ -78,15 +52,8 @@ MAX_ANSWER_CHARS = 1000
 """Extracted answers longer than this keep their head (a runaway `last_number` or `\\boxed{}` capture)."""
 KEEP_VERSIONS = timedelta(days=36500)
 """`optimize` prunes versions older than this: in practice never, so every step's version stays readable."""
-INDEX_NPROBES = 20
-"""`search="lance"` with the IVF_PQ index: partitions probed per query."""
-INDEX_REFINE_FACTOR = 5
-"""`search="lance"` with the IVF_PQ index: candidates re-ranked with exact distances per result asked for
-(without it PQ distances are off by ~0.2 and thresholds cannot be applied)."""
 UID_INDEX_MIN_ROWS = 5000
-"""The BTREE index on `uid` is built once the table holds this many rows (below that a scan costs ~2 ms)."""
-_FETCH_START = 32
-"""`search="lance"`: rows asked for per wanted neighbour in the first query (rows of a problem share its vector)."""
+"""The BTREE index on `uid` is built once the table holds this many rows (below that a scan is cheap)."""
 
 _META_MODEL = b"lanpo.embedding_model"
 _META_SCHEMA = b"lanpo.schema_version"
@@ -135,6 +102,30 @@ class RolloutRecord:
 
 
 @dataclass(frozen=True)
+class LessonSet:
+    """Lessons made for one set of source experiences, stored with a step by `write_step(..., lessons=...)`.
+
+    Plain data (it travels in `feedback.FeedbackBatch`, which Prefect persists)."""
+
+    source_ids: tuple[str, ...]
+    """Uids of the experiences the lessons were made from; the set (order and repeats aside) is the cache key."""
+    lessons: tuple[str, ...]
+    step: int | None
+    """Step the lessons were made in (None: made outside training, e.g. for evaluation; never stored)."""
+    problem_id: str
+    """The problem the lessons were first made for (its vector is stored with them)."""
+    problem_text: str
+    producer: str = "policy"
+    """Abstractor name (`abstraction.abstractor`)."""
+    policy_version: int | None = None
+    """Policy version of the abstractor; None means the step."""
+
+    @property
+    def key(self) -> str:
+        return lesson_key(self.source_ids)
+
+
+@dataclass(frozen=True)
 class Attempt:
     """An earlier attempt at the same problem, for reflection. Deliberately carries no reward."""
 
@@ -180,7 +171,7 @@ class WriteReport:
     refused: Counter = field(default_factory=Counter)
     """Rows refused, by reason."""
     repaired: Counter = field(default_factory=Counter)
-    """Rows stored after a repair (truncation, UTF-8 replacement), by kind of repair."""
+    """Rows stored with a field cut to its head (`truncated_response`, `truncated_answer`)."""
     embedded: int = 0
     """Problems embedded during this write (the rest came from the cache or the pool)."""
     seconds: float = 0.0
@@ -223,26 +214,10 @@ def lesson_key(source_ids: Iterable[str]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(value: Any) -> tuple[str, bool]:
-    """(valid UTF-8 str, repaired?). Bytes are decoded as UTF-8; invalid sequences and lone surrogates become U+FFFD."""
-    if value is None:
-        return "", False
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        try:
-            return raw.decode("utf-8"), False
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", errors="replace"), True
+def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"expected text, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-        return value, False
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", value), True
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
 
 
 def _as_int(value: Any) -> int | None:
@@ -318,9 +293,8 @@ class _Row:
 
 class _RunIndex:
     """In-memory catalogue of one run's rows at one table version: ids, steps, a success flag, no text; one
-    vector per problem (a problem-level flat index: GSM8K's 7.5k problems are 11 MB, a 0.5 ms matrix product);
-    and the run's lesson sets. Built from the table on first use, then kept current by this pool's own writes
-    (one writer per run: rows other processes add to the same run are seen after reopening)."""
+    vector per problem (a problem-level flat index); and the run's lesson sets. Built from the table on first use,
+    then kept current by this pool's own writes (rows other processes add to the run are seen after reopening)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -370,15 +344,14 @@ class _RunIndex:
 class ExperiencePool:
     """Experience pool of one run in a (possibly shared) LanceDB database.
 
-    >>> pool = ExperiencePool("runs/x/pool", run_id="x")            # doctest: +SKIP
-    >>> report = pool.write_step(0, [RolloutRecord(...), ...])      # doctest: +SKIP
-    >>> old = pool.open_at(report.version)                          # doctest: +SKIP
+    >>> pool = ExperiencePool("runs/x/pool", run_id="x")                          # doctest: +SKIP
+    >>> report = pool.write_step(0, [RolloutRecord(...), ...], lessons=[...])     # doctest: +SKIP
+    >>> old = pool.open_at(report.version)                                        # doctest: +SKIP
     """
 
     def __init__(self, uri: str | os.PathLike, run_id: str, *, embedder: Any = None,
                  embedding_model: str = BUNDLED_EMBEDDER, max_response_chars: int = 8000,
-                 max_problem_chars: int = 8000, search: Literal["memory", "lance"] = "memory",
-                 index_min_rows: int | None = None, optimize_every: int = 20, embed_batch_size: int = 64,
+                 max_problem_chars: int = 8000, optimize_every: int = 20, embed_batch_size: int = 64,
                  read_only: bool = False, _version: int | None = None) -> None:
         import lancedb
 
@@ -389,10 +362,6 @@ class ExperiencePool:
         self.embedding_model = embedding_model
         self.max_response_chars = int(max_response_chars)
         self.max_problem_chars = int(max_problem_chars)
-        if search not in ("memory", "lance"):
-            raise PoolError(f"unknown search '{search}' (memory or lance)")
-        self.search = search
-        self.index_min_rows = index_min_rows
         self.optimize_every = int(optimize_every)
         self.embed_batch_size = int(embed_batch_size)
         self.read_only = read_only or _version is not None
@@ -401,10 +370,8 @@ class ExperiencePool:
         self._embedder = embedder
         self._vectors: dict[str, np.ndarray] = {}
         self._run_index: _RunIndex | None = None
-        self._pending_lessons: dict[str, dict[str, Any]] = {}
         self._writes = 0
         self._last_embedded = 0
-        self._index_seen: tuple[int, str | None] | None = None
         self._uid_indexed = False
         if "://" not in self.uri:
             Path(self.uri).mkdir(parents=True, exist_ok=True)
@@ -429,8 +396,7 @@ class ExperiencePool:
             uri = str(Path(run_dir) / "pool")
         return cls(uri, run_id, embedder=embedder, embedding_model=cfg.embedding_model,
                    max_response_chars=cfg.max_response_chars, max_problem_chars=cfg.max_problem_chars,
-                   search=cfg.search, index_min_rows=cfg.index_min_rows, optimize_every=cfg.optimize_every,
-                   embed_batch_size=cfg.embed_batch_size)
+                   optimize_every=cfg.optimize_every, embed_batch_size=cfg.embed_batch_size)
 
     def _open_table(self):
         try:
@@ -453,7 +419,7 @@ class ExperiencePool:
         """A read-only view of this run's pool as it was at `version` (a `WriteReport.version`)."""
         view = ExperiencePool(self.uri, self.run_id, embedder=self._embedder, embedding_model=self.embedding_model,
                               max_response_chars=self.max_response_chars, max_problem_chars=self.max_problem_chars,
-                              search=self.search, index_min_rows=self.index_min_rows, _version=int(version))
+                              _version=int(version))
         view._vectors = self._vectors  # the cache is keyed by problem, valid for every version
         return view
 
@@ -536,7 +502,7 @@ class ExperiencePool:
             self._vectors.update(self._stored_vectors(missing))
         missing = [pid for pid in wanted if pid not in self._vectors]
         if missing:
-            texts = [clean_text(wanted[pid])[0] for pid in missing]
+            texts = [wanted[pid] for pid in missing]
             encoded = self.embedder.encode(texts, batch_size=self.embed_batch_size, normalize_embeddings=True,
                                            convert_to_numpy=True, show_progress_bar=False)
             encoded = np.asarray(encoded, dtype=np.float32)
@@ -560,14 +526,10 @@ class ExperiencePool:
                  report: WriteReport) -> tuple[dict[str, Any] | None, str | None]:
         """One validated row (without vector), or (None, reason it was refused)."""
         repaired: list[str] = []
-        pid, bad = clean_text(rec.problem_id)
-        if bad:
-            repaired.append("encoding")
+        pid = _text(rec.problem_id, "RolloutRecord.problem_id")
         if not pid.strip():
             return None, "empty_problem_id"
-        text, bad = clean_text(rec.problem_text)
-        if bad:
-            repaired.append("encoding")
+        text = _text(rec.problem_text, "RolloutRecord.problem_text")
         if not text.strip():
             return None, "empty_problem_text"
         if len(text) > self.max_problem_chars:
@@ -587,28 +549,19 @@ class ExperiencePool:
         version = step if version is None else _as_int(version)
         if version is None:
             return None, "bad_policy_version"
-        response, bad = clean_text(rec.response)
-        if bad:
-            repaired.append("encoding")
+        response = _text(rec.response, "RolloutRecord.response")
         truncated = len(response) > self.max_response_chars
         if truncated:
             response = response[: self.max_response_chars]
             repaired.append("truncated_response")
         answer = None
         if rec.extracted_answer is not None:
-            answer, bad = clean_text(rec.extracted_answer)
-            if bad:
-                repaired.append("encoding")
+            answer = _text(rec.extracted_answer, "RolloutRecord.extracted_answer")
             if len(answer) > MAX_ANSWER_CHARS:
                 answer = answer[:MAX_ANSWER_CHARS]
                 repaired.append("truncated_answer")
-        context_ids = []
-        for cid in rec.context_ids or ():
-            cid, bad = clean_text(cid)
-            if bad:
-                repaired.append("encoding")
-            context_ids.append(cid)
-        for what in sorted(set(repaired)):
+        context_ids = [_text(cid, "RolloutRecord.context_ids[]") for cid in rec.context_ids or ()]
+        for what in repaired:
             report.repaired[what] += 1
         return {
             "uid": f"{self.run_id}/{step}/{pid}/{index}", "run_id": self.run_id, "step": step, "problem_id": pid,
@@ -618,6 +571,33 @@ class ExperiencePool:
             "policy_version": version, "prompt_tokens": tokens[0], "completion_tokens": tokens[1],
             "lesson_key": None, "lessons": None, "producer": None,
         }, None
+
+    def _lesson_row(self, lesson_set: LessonSet, step: int) -> dict[str, Any]:
+        """The row of one lesson set (without vector). A malformed set is a caller bug: it raises."""
+        if not isinstance(lesson_set, LessonSet):
+            raise TypeError(f"lessons must be LessonSet objects, got {type(lesson_set).__name__}")
+        if lesson_set.step != step:
+            raise PoolError(f"LessonSet.step is {lesson_set.step!r}: only lessons made in the step being written "
+                            f"({step}) are stored with it")
+        sources = sorted(set(_text(u, "LessonSet.source_ids[]") for u in lesson_set.source_ids))
+        lessons = [_text(x, "LessonSet.lessons[]") for x in lesson_set.lessons]
+        pid = _text(lesson_set.problem_id, "LessonSet.problem_id")
+        text = _text(lesson_set.problem_text, "LessonSet.problem_text")
+        if not sources or not lessons or not pid.strip() or not text.strip():
+            raise PoolError("a LessonSet needs non-empty source_ids, lessons, problem_id and problem_text")
+        version = step if lesson_set.policy_version is None else _as_int(lesson_set.policy_version)
+        if version is None:
+            raise PoolError(f"LessonSet.policy_version must be an int or None, got {lesson_set.policy_version!r}")
+        key = lesson_key(sources)
+        body = "\n".join(lessons)
+        return {
+            "uid": f"{self.run_id}/lesson/{key}", "run_id": self.run_id, "step": step, "problem_id": pid,
+            "rollout_index": -1, "kind": LESSON_KIND, "problem_text": text, "text_key": text_key(text),
+            "context_ids": sources, "response": body, "content_chars": len(body.strip()),
+            "response_truncated": False, "extracted_answer": None, "reward": None, "policy_version": version,
+            "prompt_tokens": 0, "completion_tokens": 0, "lesson_key": key, "lessons": lessons,
+            "producer": _text(lesson_set.producer, "LessonSet.producer"),
+        }
 
     def _existing_uids(self, uids: Sequence[str]) -> set[str]:
         index = self._index()
@@ -664,12 +644,14 @@ class ExperiencePool:
             out.update({r["uid"]: r for r in tbl.to_pylist()})
         return out
 
-    def write_step(self, step: int, rollouts: Iterable[RolloutRecord | Mapping[str, Any]], *,
-                   policy_version: int | None = None) -> WriteReport:
-        """Append one training step's rollouts and the lessons staged by `put_lessons`, as one table version.
+    def write_step(self, step: int, records: Iterable[RolloutRecord | Mapping[str, Any]],
+                   lessons: Sequence[LessonSet] = (), *, policy_version: int | None = None) -> WriteReport:
+        """Append one training step's rollouts and its lesson sets not stored yet, as one table version.
 
-        Rows that fail validation are refused and counted, never raised; a structural error (an argument that is
-        not a record) raises before anything is written. Either way the stored pool is never changed partly.
+        Rollouts already stored (same uid) and lesson sets already stored (same key) are skipped, so repeating a
+        write after a crash adds nothing. Rows that fail validation are refused and counted, never raised; a
+        structural error (not a record, a field of the wrong type, a malformed lesson set) raises before anything
+        is written. Either way the stored pool is never changed partly.
         """
         self._writable()
         if _as_int(step) is None or step < 0:
@@ -678,7 +660,7 @@ class ExperiencePool:
         report = WriteReport(step=int(step))
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for raw in rollouts:
+        for raw in records:
             rec = RolloutRecord.coerce(raw)
             row, reason = self._prepare(rec, int(step), policy_version, report)
             if reason is not None:
@@ -693,12 +675,18 @@ class ExperiencePool:
         if existing:
             report.refused["duplicate"] += sum(r["uid"] in existing for r in rows)
             rows = [r for r in rows if r["uid"] not in existing]
-        vectors = self.embed_problems([(r["problem_id"], r["problem_text"]) for r in rows])
-        report.embedded = self._last_embedded if rows else 0
-        lesson_rows = self._lesson_rows_to_write()
-        all_rows = rows + lesson_rows
+        index = self._index()
+        stored = index.lessons if index is not None else {}
+        lesson_rows: dict[str, dict[str, Any]] = {}
+        for lesson_set in lessons:
+            row = self._lesson_row(lesson_set, int(step))
+            if row["lesson_key"] not in stored:
+                lesson_rows.setdefault(row["lesson_key"], row)  # the first set made for a source set wins
+        all_rows = rows + list(lesson_rows.values())
+        vectors = self.embed_problems([(r["problem_id"], r["problem_text"]) for r in all_rows])
+        report.embedded = self._last_embedded if all_rows else 0
         if all_rows:
-            for r in rows:
+            for r in all_rows:
                 r["vector"] = vectors[r["problem_id"]]
             data = self._to_arrow(all_rows)
             result = self._append(data)
@@ -710,13 +698,12 @@ class ExperiencePool:
             for r in rows:
                 index.add(r["problem_id"], r["vector"], r["text_key"], r["step"], r["rollout_index"], r["uid"],
                           r["reward"], r["content_chars"])
-            for row in lesson_rows:
-                index.lessons[row["lesson_key"]] = list(row["lessons"])
+            for key, row in lesson_rows.items():
+                index.lessons[key] = list(row["lessons"])
             self._writes += 1
             self._maintain()
         else:
             report.data_version = self.version
-        self._pending_lessons.clear()
         report.version = self.version
         report.seconds = time.perf_counter() - started
         self.counters["steps_written"] += 1
@@ -755,13 +742,12 @@ class ExperiencePool:
 
     # ------------------------------------------------------------------------------------- maintenance
     def _maintain(self) -> None:
-        """Every `optimize_every` writes: compact small fragments and fold new rows into the indices; create the
-        vector index once the table is big enough. Failures (e.g. another process compacting) are logged."""
+        """Every `optimize_every` writes: compact small fragments and fold new rows into the uid index; create
+        that index once the table is big enough. Failures (e.g. another process compacting) are logged."""
         try:
             if self.optimize_every > 0 and self._writes % self.optimize_every == 0:
                 self.optimize()
             self.ensure_uid_index()
-            self.ensure_index()
         except Exception as e:  # maintenance must never lose a step that is already committed
             self.counters["maintenance_errors"] += 1
             log.warning("pool maintenance failed (the step is stored): %s", e)
@@ -788,39 +774,6 @@ class ExperiencePool:
         self.counters["uid_indexed"] += 1
         return True
 
-    def vector_index(self) -> str | None:
-        """Name of the vector index, if one exists (looked up once per table version)."""
-        if self._table is None:
-            return None
-        version = self._table.version
-        if self._index_seen is None or self._index_seen[0] != version:
-            name = None
-            for idx in self._table.list_indices():
-                if "vector" in list(getattr(idx, "columns", [])):
-                    name = getattr(idx, "name", "vector_idx")
-            self._index_seen = (version, name)
-        return self._index_seen[1]
-
-    def ensure_index(self, force: bool = False) -> bool:
-        """Create the IVF_PQ cosine index (used by `search="lance"`) once the table holds `index_min_rows` rows."""
-        self._writable()
-        if self._table is None or self.vector_index() is not None:
-            return False
-        rows = self._table.count_rows()
-        if not force and (self.index_min_rows is None or rows < self.index_min_rows):
-            return False
-        if rows < 256:
-            return False
-        dim = self._table.schema.field("vector").type.list_size
-        partitions = max(1, min(1024, int(round(math.sqrt(rows)))))
-        sub_vectors = next(s for s in (dim // 8, dim // 4, dim // 2, dim, 1) if s >= 1 and dim % s == 0)
-        from lancedb.index import IvfPq
-
-        self._table.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=partitions,
-                                                        num_sub_vectors=sub_vectors), replace=True)
-        self.counters["indexed"] += 1
-        return True
-
     def disk_bytes(self) -> int | None:
         """Bytes on disk under a local pool folder (all versions); None for remote URIs."""
         if "://" in self.uri:
@@ -829,44 +782,12 @@ class ExperiencePool:
 
     # ------------------------------------------------------------------------------------------ lessons
     def get_lessons(self, source_ids: Iterable[str]) -> list[str] | None:
-        """Cached lessons for exactly this set of source experience ids (staged or stored), else None."""
-        key = lesson_key(source_ids)
-        if key in self._pending_lessons:
-            return list(self._pending_lessons[key]["lessons"])
+        """Stored lessons for exactly this set of source experience ids, else None."""
         index = self._index()
+        key = lesson_key(source_ids)
         if index is not None and key in index.lessons:
             return list(index.lessons[key])
         return None
-
-    def put_lessons(self, source_ids: Iterable[str], lessons: Sequence[str], *, step: int, problem_id: str,
-                    problem_text: str, producer: str = "policy", policy_version: int | None = None) -> str:
-        """Stage lessons for a source set; they are written with the next `write_step` (same version). Returns
-        the cache key. The problem is the one the lessons were first made for (its vector is stored with them)."""
-        self._writable()
-        sources = sorted(set(source_ids))
-        key = lesson_key(sources)
-        index = self._index()
-        if key in self._pending_lessons or (index is not None and key in index.lessons):
-            return key
-        text, _ = clean_text(problem_text)
-        clean = [clean_text(x)[0] for x in lessons]
-        vec = self.embedding(problem_id, text)
-        self._pending_lessons[key] = {
-            "uid": f"{self.run_id}/lesson/{key}", "run_id": self.run_id, "step": int(step),
-            "problem_id": problem_id, "rollout_index": -1, "kind": LESSON_KIND, "problem_text": text,
-            "text_key": text_key(text), "vector": vec, "context_ids": sources, "response": "\n".join(clean),
-            "content_chars": len("\n".join(clean).strip()), "response_truncated": False, "extracted_answer": None,
-            "reward": None, "policy_version": int(step if policy_version is None else policy_version),
-            "prompt_tokens": 0, "completion_tokens": 0, "lesson_key": key, "lessons": clean, "producer": producer,
-        }
-        return key
-
-    def _lesson_rows_to_write(self) -> list[dict[str, Any]]:
-        rows = list(self._pending_lessons.values())
-        index = self._index()
-        if not rows or index is None:
-            return rows
-        return [r for r in rows if r["lesson_key"] not in index.lessons]
 
     # ----------------------------------------------------------------------------------------- queries
     def earlier_attempts(self, problem_ids: Sequence[str], max_attempts: int = 1,
@@ -906,27 +827,21 @@ class ExperiencePool:
                             min_similarity: float | None = 0.6, duplicate_similarity: float = 0.9,
                             successful_only: bool = True,
                             source_choice: Literal["earliest", "latest"] = "earliest",
-                            before_step: int | None = None, search: str | None = None,
-                            use_index: bool = True) -> list[Experience]:
+                            before_step: int | None = None) -> list[Experience]:
         """Top-k experiences of *other* problems of this run, most similar problem first, one per problem.
 
         Excluded: the same problem id, identical normalised text, cosine >= `duplicate_similarity`, cosine <
         `min_similarity` (None: no threshold), empty responses, and with `successful_only` rows whose reward is not
-        > 0. The shown rollout of a problem is its earliest (or latest) eligible one. `search` (default: the
-        pool's) picks the in-memory problem-level index (`memory`, exact) or LanceDB's vector search (`lance`,
-        brute force, or the IVF_PQ index when one exists and `use_index`); cosines are exact either way.
+        > 0. The shown rollout of a problem is its earliest (or latest) eligible one. Cosines are exact.
         """
         if self._table is None or top_k < 1:
             return []
-        if (search or self.search) == "lance":
-            return self._similar_lance(problem_id, problem_text, top_k, min_similarity, duplicate_similarity,
-                                       successful_only, source_choice, before_step, use_index)
         index = self._index()
         n = len(index.pids)
         if n == 0:
             return []
         query = self.embedding(problem_id, problem_text)
-        # einsum, not `@`: OpenBLAS's threads fight LanceDB's runtime threads here (0.5 ms vs 12 ms at 7.5k problems)
+        # einsum, not `@`: OpenBLAS's threads fight LanceDB's runtime threads here (docs/defaults.md)
         sims = np.einsum("ij,j->i", index.mat[:n], query)
         ready = index.first_ok[:n] if successful_only else index.first_any[:n]
         mask = (ready < (np.inf if before_step is None else before_step)) & (sims < duplicate_similarity)
@@ -949,74 +864,13 @@ class ExperiencePool:
         full = self._rows_by_uid([uid for _, _, uid in chosen], _EXPERIENCE_COLUMNS)
         return [Experience(**full[uid], similarity=sim) for _, sim, uid in chosen if uid in full]
 
-    def _similar_lance(self, problem_id: str, problem_text: str, top_k: int, min_similarity: float | None,
-                       duplicate_similarity: float, successful_only: bool, source_choice: str,
-                       before_step: int | None, use_index: bool) -> list[Experience]:
-        """The same query answered by LanceDB's vector search over rows (bench/pool.py compares the two)."""
-        query = self.embedding(problem_id, problem_text)
-        where = (f"{self._run_filter()} AND kind != {sql_str(LESSON_KIND)} AND content_chars > 0 "
-                 f"AND problem_id != {sql_str(problem_id)} AND text_key != {sql_str(text_key(problem_text))}")
-        if successful_only:
-            where += " AND reward > 0"
-        if before_step is not None:
-            where += f" AND step < {int(before_step)}"
-        indexed = use_index and self.vector_index() is not None
-        sign = 1 if source_choice == "earliest" else -1
-        limit, total = top_k * _FETCH_START, None
-        while True:
-            q = self._table.search(query, vector_column_name="vector").distance_type("cosine") \
-                .where(where, prefilter=True).select(["uid", "problem_id", "step", "rollout_index", "vector",
-                                                      "_distance"]).with_row_id(True).limit(limit)
-            if indexed:  # quantised distances are too rough for a range filter: thresholds are applied below
-                q = q.nprobes(INDEX_NPROBES).refine_factor(INDEX_REFINE_FACTOR)
-            else:  # exact distances: let the store drop near-duplicates and weak matches (with float slack)
-                q = q.bypass_vector_index().distance_range(
-                    lower_bound=max(0.0, 1.0 - duplicate_similarity - 1e-5),
-                    upper_bound=None if min_similarity is None else 1.0 - min_similarity + 1e-5)
-            res = q.to_arrow()
-            exhausted = res.num_rows < limit
-            exact = (_matrix(res.column("vector")) @ query).tolist() if res.num_rows else []
-            meta = res.select(["uid", "problem_id", "step", "rollout_index", "_rowid"]).to_pylist()
-            # Rows come sorted by distance and all rows of a problem share its vector, so only the problem of the
-            # last row may be cut off by the limit: it is left out unless the search was exhausted.
-            cut = None if exhausted or not meta else meta[-1]["problem_id"]
-            groups: dict[str, tuple[float, dict[str, Any]]] = {}
-            for row, sim in zip(meta, exact):
-                pid = row["problem_id"]
-                if pid == cut or sim >= duplicate_similarity or (min_similarity is not None and sim < min_similarity):
-                    continue
-                key = (sign * row["step"], sign * row["rollout_index"], row["uid"])
-                best = groups.get(pid)
-                if best is None or key < (sign * best[1]["step"], sign * best[1]["rollout_index"], best[1]["uid"]):
-                    groups[pid] = (sim, row)
-            below = bool(exact) and min_similarity is not None and exact[-1] < min_similarity
-            if exhausted or below or len(groups) >= top_k:
-                break
-            if total is None:
-                total = self._table.count_rows(where)
-            if limit >= total:
-                break
-            limit *= 4
-        ranked = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top_k]
-        if not ranked:
-            return []
-        full = {r["uid"]: r for r in self._take([row["_rowid"] for _, (_, row) in ranked], _EXPERIENCE_COLUMNS)}
-        return [Experience(**full[row["uid"]], similarity=float(sim)) for _, (sim, row) in ranked
-                if row["uid"] in full]
-
-    def _take(self, row_ids: Sequence[int], columns: list[str]) -> list[dict[str, Any]]:
-        """Rows by the `_rowid` a query on this same table handle just returned (no scan)."""
-        if not row_ids:
-            return []
-        return self._table.take_row_ids(list(row_ids)).select(columns).to_arrow().to_pylist()
-
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
         """Counts and reward/tokens summaries of this run, plus table-level facts."""
         out: dict[str, Any] = {"version": self.version, "run_id": self.run_id, "rows": 0, "lessons": 0,
                                "problems": 0, "steps": 0, "by_kind": {}, "prompt_tokens": 0,
                                "completion_tokens": 0, "rows_all_runs": 0, "runs": 0,
-                               "indexed": self.vector_index() is not None, "counters": dict(self.counters)}
+                               "counters": dict(self.counters)}
         if self._table is None:
             return out
         tbl = self._table.search().where(self._run_filter()).select(

@@ -1,14 +1,23 @@
-"""The rollout side of one LANPO training step (METHOD.md steps 1, 2, 6, 7, and the hand-off to step 8).
+"""One LANPO step, stage by stage, and `train(cfg)`: a whole LANPO (or plain GRPO) run without Prefect.
 
-    requests, mix = plan_requests(problems, feedback, cfg)             # group composition, with fallbacks
-    completions = engine.generate(requests, SamplingSpec.from_config(cfg, step=step))
-    rollouts = score_rollouts(completions, problems, verifier)          # math-verify rewards
-    records = pool_records(rollouts, problems)                         # -> pool.write_step(step, records)
-    samples = training_samples(rollouts, plain_prompt_ids, cfg)        # -> PolicyUpdater.step(samples)
+A step, in the order of METHOD.md (each stage is a function of explicit inputs returning plain data and metrics):
 
-Group composition: each problem's G rollouts split by `lanpo.rollout_mix` (largest remainder, so the kinds sum to G).
-A context kind with no context for the problem (no earlier attempt, no relevant experience, or the leakage guard
-dropped it) falls back to plain; the realised mix is returned for logging.
+    problems = problems_for_step(train_problems, step, B, seed)          # the B problems of step t
+    feedback = build_feedback(rt, problems, step, policy)                # reflection + abstraction contexts
+    completions = generate(rt, problems, feedback, step, policy)          # G rollouts per problem, by the mix
+    rollouts = score(rt, problems, completions, policy)                  # math-verify rewards
+    pool_version = write_pool(rt, problems, rollouts, feedback, step)     # rollouts + new lessons, one version
+    policy = update(rt, problems, rollouts, policy)                      # GRPO update from the reward alone
+
+How it departs from textbook GRPO (all G rollouts of a group sampled from the same plain prompt):
+- A group is G rollouts of one problem of every kind: plain, reflection (the problem with the model's own earlier
+  attempts, reward-free) and abstraction (with lessons distilled from similar other problems), split by
+  `lanpo.rollout_mix`. A context kind with no context for the problem (no earlier attempt, no relevant experience,
+  or the leakage guard dropped it) falls back to plain; the realised mix is logged.
+- The baseline is shared: advantages are taken over the whole mixed group (lanpo_core/loss.py).
+- Context-conditioned rollouts are trained under the plain prompt by default (`lanpo.train_prompt`), with an
+  off-policy weight and negatives dropped (`lanpo.offpolicy`; docs/update.md).
+- Groups whose gold answer is unusable are not trained (counted as `update/unusable_groups`).
 
 `Rollout` is plain data (ints, strings, lists) so that a Prefect task can persist it and a resumed flow can read it
 back without any model around.
@@ -16,14 +25,18 @@ back without any model around.
 
 from __future__ import annotations
 
+import json
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from .config import RunConfig
-from .feedback import FeedbackBatch, solve_messages
+from .feedback import FeedbackBatch, FeedbackBuilder, engine_abstractor, feedback_kinds, solve_messages
 from .pool import RolloutRecord
-from .rollout import Completion, RolloutRequest, render_prompt
+from .rollout import Completion, RolloutRequest, SamplingSpec, render_prompt
+from .runtime import PolicyRef, Runtime, load_train_problems
 from .update import RolloutSample, training_prompt_ids
 from .verify import Verifier
 
@@ -135,7 +148,7 @@ def plain_prompt_ids(problems: Sequence[Any], tokenizer: Any, cfg: RunConfig) ->
     out = {}
     for p in problems:
         request = RolloutRequest(messages=solve_messages(p.question, cfg.prompts))
-        out[p.id] = render_prompt(tokenizer, request, cfg.rollout.max_prompt_tokens, cfg.rollout.overlong_prompt).ids
+        out[p.id] = render_prompt(tokenizer, request, cfg.rollout.max_prompt_tokens).ids
     return out
 
 
@@ -187,3 +200,143 @@ def rollout_metrics(rollouts: Sequence[Rollout], prefix: str = "rollout/") -> di
     out[f"{prefix}completion_tokens"] = float(sum(len(r.completion_ids) for r in rollouts))
     out[f"{prefix}finish_length"] = float(sum(r.finish_reason == "length" for r in rollouts))
     return out
+
+
+def eval_due(step: int, cfg: RunConfig) -> bool:
+    """Evaluate after step `step` (0-based): every `eval.every` steps and after the last."""
+    last = step == cfg.grpo.steps - 1
+    return last or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+Metrics = dict[str, float]
+
+
+def _abstractor(rt: Runtime, step: int):
+    if rt.cfg.lanpo.abstraction.abstractor == "extractive":
+        return None
+    return engine_abstractor(rt.abstractor_engine, rt.cfg, step)
+
+
+def build_feedback(rt: Runtime, problems: Sequence[Any], step: int, policy: PolicyRef
+                   ) -> tuple[FeedbackBatch, Metrics]:
+    """Reflection and abstraction contexts for the step's problems, from the pool, audited by the leakage guard."""
+    cfg = rt.cfg
+    kinds = feedback_kinds(cfg)
+    if not kinds:
+        return FeedbackBatch(), {}
+    if "abstraction" in kinds and cfg.lanpo.abstraction.abstractor == "policy":
+        rt.ensure_policy(policy)  # lessons are written by the current policy
+    abstractor = _abstractor(rt, step)
+    builder = FeedbackBuilder(rt.pool, cfg.lanpo, cfg.prompts, abstractor, extraction=cfg.verify.extraction,
+                              seed=cfg.seed)
+    batch, metrics = FeedbackBatch(), {}
+    for kind in kinds:  # timed apart: abstraction pays for the abstractor's generation, reflection only for lookups
+        started = time.perf_counter()
+        batch.update(builder.build(problems, step, [kind], policy_version=policy.step))
+        metrics[f"time/{kind}_seconds"] = time.perf_counter() - started
+    metrics["feedback/abstractor_tokens"] = float(abstractor.tokens if abstractor else 0)
+    return batch, {**batch.metrics(), **metrics}
+
+
+def generate(rt: Runtime, problems: Sequence[Any], feedback: FeedbackBatch, step: int, policy: PolicyRef
+             ) -> tuple[list[Completion], Metrics]:
+    """G rollouts per problem from `policy`, split by the rollout mix."""
+    rt.ensure_policy(policy)
+    plan = plan_requests(problems, feedback, rt.cfg)
+    started = time.perf_counter()
+    completions = rt.engine.generate(plan.requests, SamplingSpec.from_config(rt.cfg, step=step))
+    seconds = time.perf_counter() - started
+    tokens = sum(len(c.completion_ids) for c in completions)
+    return completions, {**plan.metrics(), "time/generate_seconds": seconds,
+                         "rollout/tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+def score(rt: Runtime, problems: Sequence[Any], completions: Sequence[Completion], policy: PolicyRef
+          ) -> tuple[list[Rollout], Metrics]:
+    """Verify every completion against its problem's gold answer."""
+    started = time.perf_counter()
+    rollouts = score_rollouts(completions, problems, rt.verifier, policy.step)
+    return rollouts, {**rollout_metrics(rollouts), "time/verify_seconds": time.perf_counter() - started}
+
+
+def write_pool(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], feedback: FeedbackBatch,
+               step: int) -> tuple[int, Metrics]:
+    """Append the step's rollouts and the lessons made for its contexts to the pool, as one version."""
+    started = time.perf_counter()
+    report = rt.pool.write_step(step, pool_records(rollouts, problems), lessons=feedback.lesson_sets())
+    return report.version, {**report.as_metrics(), "pool/rows": rt.pool.count(),
+                            "time/pool_seconds": time.perf_counter() - started}
+
+
+def update(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], policy: PolicyRef
+           ) -> tuple[PolicyRef, Metrics]:
+    """One GRPO update of `policy` on the step's rollouts (reward only: no text of the feedback reaches the loss
+    except through the responses themselves); returns the new policy, whose checkpoint is being written."""
+    rt.ensure_policy(policy)
+    samples, unusable = training_samples(rollouts, plain_prompt_ids(problems, rt.tokenizer, rt.cfg), rt.cfg)
+    new, metrics = rt.apply_update(samples)
+    return new, {**metrics, "update/unusable_groups": float(unusable)}
+
+
+def evaluate(rt: Runtime, policy: PolicyRef) -> tuple[Metrics, list]:
+    """Zero-shot accuracy of `policy` on the held-out benchmarks (and feedback-augmented with `eval.feedback`);
+    the predictions are written to `<run_dir>/eval/step-<policy.step>.jsonl`."""
+    from .evaluate import evaluate_with_feedback, evaluate_zero_shot
+
+    rt.ensure_policy(policy)
+    cfg = rt.cfg
+    started = time.perf_counter()
+    metrics, predictions = evaluate_zero_shot(rt.engine, rt.eval_problems, cfg, rt.verifier, seed=cfg.seed)
+    metrics["time/eval_seconds"] = time.perf_counter() - started
+    if cfg.eval.feedback:
+        started = time.perf_counter()
+        builder = FeedbackBuilder(rt.pool, cfg.lanpo, cfg.prompts, _abstractor(rt, policy.step),
+                                  extraction=cfg.verify.extraction, seed=cfg.seed)
+        more, feedback_predictions = evaluate_with_feedback(rt.engine, rt.eval_problems, cfg, rt.verifier, builder,
+                                                            seed=cfg.seed)
+        metrics.update(more)
+        predictions += feedback_predictions
+        metrics["time/eval_feedback_seconds"] = time.perf_counter() - started
+    path = predictions_path(rt.run_dir, policy.step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for p in predictions:
+            handle.write(json.dumps(p.as_dict()) + "\n")
+    return metrics, predictions
+
+
+def predictions_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "eval" / f"step-{step:05d}.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+def train(cfg: RunConfig, run_dir: str | Path, log: Any = None) -> dict[str, Any]:
+    """Run `cfg` from the base model to its last step in this process, without Prefect or MLflow.
+
+    `log(metrics, step)`, if given, receives every stage's metrics. Returns the final policy, pool version and
+    evaluations (`eval_before` with `eval.at_start`). The same config gives the same checkpoint as the flow.
+    """
+    log = log or (lambda metrics, step: None)
+    rt = Runtime(cfg, run_dir)
+    train_problems = load_train_problems(cfg)
+    policy, pool_version, out = PolicyRef.base(cfg), 0, {}
+    try:
+        if cfg.eval.at_start:
+            out["eval_before"], _ = evaluate(rt, policy)
+            log(out["eval_before"], 0)
+        for step in range(cfg.grpo.steps):
+            problems = problems_for_step(train_problems, step, cfg.rollout.batch_problems, cfg.seed)
+            feedback, m1 = build_feedback(rt, problems, step, policy)
+            completions, m2 = generate(rt, problems, feedback, step, policy)
+            rollouts, m3 = score(rt, problems, completions, policy)
+            pool_version, m4 = write_pool(rt, problems, rollouts, feedback, step)
+            policy, m5 = update(rt, problems, rollouts, policy)
+            log({**m1, **m2, **m3, **m4, **m5}, step)
+            if eval_due(step, cfg):
+                out["eval"], _ = evaluate(rt, policy)
+                log(out["eval"], policy.step)
+    finally:
+        rt.close()  # waits for the last checkpoint write
+    return {"steps": policy.step, "checkpoint": policy.path, "checkpoint_checksum": policy.checksum,
+            "pool_version": pool_version, **out}

@@ -1,94 +1,10 @@
 """LANPO policy update (METHOD.md step 8): a GRPO step with TRL on pre-generated, context-conditioned rollouts.
 
-Generation happens in the rollout stage (TRL's vLLM mode does not work on CPU), so this stage receives a step's
-finished rollouts as `RolloutSample`s and updates the policy in place. `PolicyUpdater` keeps the model loaded across
-steps; the rollout engine reads the current weights from `PolicyUpdater.model`.
-
-How TRL is used
----------------
-TRL 1.16's `GRPOTrainer` is the engine: its config (loss types grpo / dr_grpo / dapo / bnpo, `epsilon`,
-`epsilon_high`, `num_iterations`, `beta` with a reference model or, under LoRA, the adapter-disabled base), its
-per-token log-prob kernel (`_get_per_token_logps_and_entropies`, fused LM head, autocast), its loss
-(`compute_loss` -> `_compute_loss`: clipped ratio, KL, aggregation, clip/entropy/KL metrics), HF `Trainer`'s
-`training_step` (autocast + backward), `create_optimizer` / `create_scheduler` (AdamW + schedule) and the accelerator's
-gradient clipping. What is ours, and why:
-
-* `_LanpoGRPOTrainer._prepare_inputs` is the identity. In TRL it generates completions, scores them, computes
-  advantages, shuffles and buffers the generation batch. Here all of that happened upstream or in
-  `PolicyUpdater._prepare`, because TRL cannot express the LANPO rules there (advantage over a group whose members
-  were sampled from different prompts; per-sequence importance weights that need the *sampling* log-probs under
-  another prompt; dropping negatives; skipping zero-signal sequences).
-* `_LanpoGRPOTrainer._get_per_token_logps_and_entropies` calls TRL's and, with `num_iterations == 1`, passes the
-  training forward's log-probs to a one-shot hook that turns them into the importance weights of that micro-batch
-  (scaling its advantages in place before `_compute_loss` reads them). Without it the weight's numerator would
-  cost a second, no-grad forward over every trained off-policy sequence.
-* The per-update outer loop (`PolicyUpdater.step`): micro-batches through `trainer.training_step`, then
-  `accelerator.clip_grad_norm_`, `optimizer.step()`, `lr_scheduler.step()`, `zero_grad()`. `Trainer.train()` owns a
-  dataloader-driven loop that runs `max_steps` in one call and generates inside; the LANPO flow needs one
-  externally fed update per call with the model kept in memory, so we call the same pieces in the same order.
-
-The LANPO loss, and how it departs from textbook GRPO
------------------------------------------------------
-Textbook GRPO (DeepSeekMath; TRL `GRPOTrainer`): all G responses of a group are sampled from pi_old(.|q) with the
-same prompt q; A_i = (r_i - mean_G r) / (std_G r + eps); per token the PPO-clipped ratio
-rho_t = pi_theta(y_t|q,y_<t) / pi_old(y_t|q,y_<t); optional KL to a reference. (nanochat's chat_rl.py is simpler
-still: on-policy REINFORCE with A = r - mean, no ratio, no clipping, no KL.) LANPO changes four things:
-
-1. One group, several prompts. A group is all G rollouts of one problem, of every kind (plain, reflection,
-   abstraction). The baseline (mean) and scale (std, Bessel-corrected like TRL) are taken over all of them, so a
-   context-helped response is ranked against plain ones. `scale_rewards`: group (default), batch (global std), none
-   (Dr. GRPO). eps = 1e-4 (TRL's).
-2. Training prompt != sampling prompt. With `lanpo.train_prompt: plain` a context-conditioned response y, sampled
-   from mu(.|q_ctx), is trained as log pi_theta(y|q_plain) (the thing that should improve zero-shot accuracy). It is
-   off-policy, so (`offpolicy.correction: truncated_is`) it gets a per-sequence, detached weight
-       w = min( exp( sum_t log pi_theta_old(y_t|q_plain,y_<t) - sum_t log mu(y_t|q_ctx,y_<t) ), max_ratio )
-   with pi_theta_old = the weights at the start of this step and log mu = `RolloutSample.sampling_logprobs`
-   (a token whose sampling log-prob is None/NaN contributes 0 to the sum, as in TRL). Plain-sampled rollouts and
-   every rollout under `train_prompt: context` (trained under the prompt that produced it) have w = 1.
-   `correction: none` uses w = 1 for everything.
-3. Negatives dropped. With `offpolicy.negative_advantage: drop` an off-policy response (context-conditioned, trained
-   under the plain prompt) with A < 0 gets w = 0: it was never sampled from the plain prompt, so pushing it down there
-   is not justified. Counted as `dropped_negatives`. (`keep` leaves w as in 2.)
-4. Zero-signal sequences are not run. Groups whose rewards are all equal (and singleton groups) have A = 0 and are
-   counted (`zero_variance_groups`). When `beta == 0` every sequence with w*A == 0 has exactly zero loss and
-   gradient, so it is left out of the forward/backward (a large saving). It still counts in the loss normaliser,
-   exactly as TRL would count it, so the loss equals TRL's formula with those sequences present. With `beta > 0`
-   every sequence is run (the KL term applies to them).
-
-How w composes with TRL's clipped ratio. w multiplies the advantage: TRL receives A'_i = w_i * A_i. Since w >= 0,
--min(rho*A', clip(rho)*A') = -w * min(rho*A, clip(rho)*A), i.e. exactly "w times TRL's per-token clipped loss";
-the KL term (beta) is not weighted, as in TRL's own vLLM importance-sampling correction. The per-token loss is
-    L_it = -w_i * min(rho_it A_i, clip(rho_it, 1-epsilon, 1+epsilon_high) A_i) + beta * KL_it,
-    rho_it = exp(log pi_theta(y_it|q_train) - log pi_old(y_it|q_train))
-aggregated as TRL does: grpo = mean over sequences of the token mean; dapo = sum over tokens / all completion tokens
-of the step; dr_grpo = sum / (N * rollout.max_new_tokens); bnpo = token mean per micro-batch, weighted by its share
-of sequences (TRL's "local batch" definition). N and the token count include the sequences skipped in 4.
-The ratio's denominator pi_old is always the policy's own log-prob under the *training* prompt, never the sampling
-log-prob: with `num_iterations == 1` TRL uses per_token_logps.detach() (rho == 1, gradient = grad log pi); with
-`num_iterations > 1` we compute it once, without gradient, at the start of the step. Feeding the sampling log-probs
-(under q_ctx) as pi_old would make rho a per-token plain-vs-context likelihood ratio that is routinely orders of
-magnitude from 1: clipping would silence most positive tokens (zero gradient outside the clip range) and leave the
-negative ones unbounded. Keeping the two apart is the "decoupled PPO" form (behaviour policy mu for the importance
-weight, proximal policy pi_old for the trust region), the same structure as TRL's
-`vllm_importance_sampling_mode="sequence_truncate"`, where the mismatch is the prompt instead of the engine.
-The numerator log pi_old(y|q_plain) costs no extra forward: with `num_iterations == 1` it is the training forward's
-own (detached) log-prob, taken by the hook above; with `num_iterations > 1` it is the pi_old pass TRL needs anyway.
-
-Temperature: the trainer scores tokens at `grpo.logprob_temperature` (default 1.0: raw model log-probs, which is
-what `sampling_logprobs` must be: log-softmax of the unmodified logits at the sampling prompt). TRL's own
-GRPOTrainer scores at its sampling temperature; set `logprob_temperature` = `rollout.temperature` to get that, and
-then the rollout engine must return tempered log-probs (vLLM `logprobs_mode="processed_logprobs"`).
-
-Precision: master weights in `model.dtype` (fp32 by default); `grpo.bf16` runs forward/backward under bf16 autocast
-(`auto`: only where bf16 is native, lanpo_core/hardware.py). Gradient accumulation: the step's sequences are sorted
-by length and cut into micro-batches of `grpo.micro_batch_size`, each padded to its own longest prompt/completion.
-
-Checkpoints: `save_checkpoint()` writes weights (or the LoRA adapter), optimiser, scheduler, RNG states and counters
-atomically under `<run_dir>/checkpoints/` (see checkpoint.py), keeps the last `grpo.checkpoint_keep_last`, and
-returns a checksum of the weights. `PolicyUpdater.resume(...)` / `load_checkpoint(path)` restore them exactly.
-
-Note: constructing a `PolicyUpdater` re-seeds python/numpy/torch with `config.seed` (TRL's trainer does it).
-This module imports neither Prefect nor MLflow.
+`PolicyUpdater` keeps the policy, TRL trainer, optimiser and scheduler across steps; `step(samples)` takes a step's
+finished `RolloutSample`s and updates the policy in place. This module is the TRL plumbing: the LANPO rules are
+pure functions in loss.py, the per-token log-probs come from logprobs.py. How TRL is used and how the loss departs
+from textbook GRPO, with the formulas: docs/update.md. Constructing a `PolicyUpdater` re-seeds python/numpy/torch
+with `config.seed` (TRL's trainer does it).
 """
 
 from __future__ import annotations
@@ -106,19 +22,24 @@ import torch
 
 from .checkpoint import (
     CheckpointInfo,
+    CheckpointWriter,
     capture_rng_state,
     checkpoint_info,
+    checkpoint_path,
+    copy_tensor,
     latest_checkpoint,
     read_state,
     restore_rng_state,
+    tensors_checksum,
+    torch_save_fast,
     verify_checkpoint,
     write_checkpoint,
 )
 from .config import RunConfig
 from .hardware import resolve_bf16
-
-ADV_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
-_SCHEDULERS = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
+from .logprobs import completion_logps
+from .loss import (dropped_negatives, group_advantages, group_members, has_signal, needs_sampling_logps,
+                   offpolicy_weight, sequence_log_ratio)
 
 
 @dataclass
@@ -159,7 +80,7 @@ def _make_trainer_class():
     from trl import GRPOTrainer
 
     class _LanpoGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer fed with finished micro-batches; two narrow overrides (see the module doc)."""
+        """GRPOTrainer fed with finished micro-batches (docs/update.md, "How TRL is used")."""
 
         _lanpo_logps_hook = None  # set by PolicyUpdater right before a micro-batch's training_step
 
@@ -169,20 +90,52 @@ def _make_trainer_class():
             # so the micro-batch passes through unchanged.
             return generation_batch
 
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
-                                               **kwargs):
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **multimodal):
+            causal_lm = self._lanpo_causal_lm(model)
+            if causal_lm is None or compute_aux_loss or any(v is not None for v in multimodal.values()):
+                out = super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+            else:
+                rows = batch_size or input_ids.size(0)
+                parts = [completion_logps(causal_lm, input_ids[k:k + rows], attention_mask[k:k + rows],
+                                          logits_to_keep, temperature=self.temperature,
+                                          compute_entropy=compute_entropy, autocast=self.accelerator.autocast)
+                         for k in range(0, input_ids.size(0), rows)]
+                entropies = torch.cat([e for _, e in parts]) if compute_entropy else None
+                out = (torch.cat([lp for lp, _ in parts]), entropies, None)
             # With num_iterations == 1 the importance weight's numerator, log pi_old(y|q_plain), is exactly the
             # (detached) log-prob that _compute_loss computes here as its first step, so instead of a second forward
             # pass the hook turns it into w and scales the micro-batch's advantages in place; _compute_loss reads
             # inputs["advantages"] only after this call (TRL 1.16; the reference test fails if that changes).
-            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                             *args, **kwargs)
             hook, self._lanpo_logps_hook = self._lanpo_logps_hook, None
             if hook is not None:
                 hook(out[0])
             return out
 
+        def _lanpo_causal_lm(self, model):
+            """The causal LM to score with `completion_logps`, or None where TRL's own kernel must run (an entropy
+            bonus needs the entropy's gradient; scaled or soft-capped logits; an adapter on the LM head)."""
+            from accelerate.utils import is_peft_model
+
+            causal_lm = self.accelerator.unwrap_model(model)
+            if is_peft_model(causal_lm):
+                causal_lm = causal_lm.get_base_model()
+            text_config = causal_lm.config.get_text_config()
+            scaled = any(getattr(text_config, name, None) is not None for name in _LOGIT_TRANSFORMS)
+            plain_head = type(causal_lm.get_output_embeddings()) is torch.nn.Linear
+            if self._entropy_bonus_enabled or scaled or not plain_head:
+                return None
+            return causal_lm
+
     return _LanpoGRPOTrainer
+
+
+# config fields by which some models transform their logits; TRL's kernel applies them, `completion_logps` does not
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
 
 
 def _unused_reward(completions, **kwargs):  # GRPOTrainer wants a reward function; rewards come with the samples
@@ -193,32 +146,31 @@ def build_grpo_args(config: RunConfig, output_dir: str | Path, **overrides: Any)
     """TRL `GRPOConfig` mirroring our config (also used by the benchmark and tests for vanilla TRL)."""
     from trl import GRPOConfig
 
-    g = config.grpo
-    mbs = g.micro_batch_size
-    scheduler = _SCHEDULERS[g.lr_scheduler]
-    if scheduler == "constant" and g.warmup_steps > 0:
+    grpo = config.grpo
+    scheduler = grpo.lr_scheduler
+    if scheduler == "constant" and grpo.warmup_steps > 0:
         scheduler = "constant_with_warmup"
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=mbs,
+        per_device_train_batch_size=grpo.micro_batch_size,
         gradient_accumulation_steps=1,
         num_generations=2,  # generation is not done by the trainer here; 2 just satisfies GRPOConfig's checks
         steps_per_generation=2,
         max_completion_length=config.rollout.max_new_tokens,
-        temperature=g.logprob_temperature,
-        learning_rate=g.learning_rate,
+        temperature=grpo.logprob_temperature,
+        learning_rate=grpo.learning_rate,
         lr_scheduler_type=scheduler,
-        warmup_steps=g.warmup_steps,
-        weight_decay=g.weight_decay,
-        max_grad_norm=g.max_grad_norm,
-        loss_type=g.loss_type,
-        scale_rewards=g.scale_rewards,
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        beta=g.beta,
-        num_iterations=g.num_iterations,
-        max_steps=max(1, g.steps * g.num_iterations),
-        bf16=resolve_bf16(g.bf16),
+        warmup_steps=grpo.warmup_steps,
+        weight_decay=grpo.weight_decay,
+        max_grad_norm=grpo.max_grad_norm,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high,
+        beta=grpo.beta,
+        num_iterations=grpo.num_iterations,
+        max_steps=max(1, grpo.steps * grpo.num_iterations),
+        bf16=resolve_bf16(grpo.bf16),
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,  # enabled by PolicyUpdater itself (Trainer.train() would do it)
         seed=config.seed,
@@ -232,15 +184,37 @@ def build_grpo_args(config: RunConfig, output_dir: str | Path, **overrides: Any)
 
 
 @dataclass
+class _OffPolicyRows:
+    """What the importance weight of a micro-batch's off-policy rows needs besides the rows' own log-probs."""
+
+    rows: torch.Tensor
+    """(B,) bool: the rows that get a weight."""
+    sampling_logps: torch.Tensor
+    """(B, C) log mu per completion token; NaN where unknown, and on padding and rows without a weight."""
+    mask: torch.Tensor
+    """(B, C) completion mask."""
+
+
+@dataclass
+class _MicroBatch:
+    inputs: dict[str, torch.Tensor]
+    """TRL's inputs. `advantages` are w * A; the weights of `offpolicy` rows are multiplied in once known."""
+    accumulation_steps: float
+    """N / |micro-batch|. TRL divides grpo/bnpo/dr_grpo losses by its accumulation count, so this makes the sum over
+    micro-batches the mean over all N sequences of the step (micro-batches may differ in size)."""
+    tokens: int
+    offpolicy: _OffPolicyRows | None
+    """Rows whose weight comes from this micro-batch's training forward (num_iterations == 1); cleared once used."""
+
+
+@dataclass
 class _Prepared:
     n_samples: int
-    micro_batches: list[dict[str, Any]]
-    """TRL inputs per micro-batch, plus private keys: `_ga_eff`, and `_is` (rows, sampling log-probs, mask) when
-    the importance weight is computed in the training forward (num_iterations == 1)."""
-    mb_tokens: list[int]
+    micro_batches: list[_MicroBatch]
     metrics: dict[str, float]
     log_ratios: list[float]
-    """Per trained off-policy sequence: log pi_old(y|q_plain) - log mu(y|q_ctx) (filled during the pass when deferred)."""
+    """Per weighted off-policy sequence: log pi_old(y|q_train) - log mu(y|q_sample), filled in the training forward
+    when the weight is computed there."""
 
 
 class PolicyUpdater:
@@ -255,14 +229,14 @@ class PolicyUpdater:
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        g = config.grpo
+        grpo = config.grpo
         peft_config = None
         if config.model.lora.enabled:
             from peft import LoraConfig as PeftLoraConfig
 
-            lc = config.model.lora
-            peft_config = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                         target_modules=lc.target_modules, task_type="CAUSAL_LM")
+            lora = config.model.lora
+            peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
         args = build_grpo_args(config, self.run_dir / "trl")
         trainer_cls = _make_trainer_class()
         with warnings.catch_warnings():
@@ -270,14 +244,14 @@ class PolicyUpdater:
             self.trainer = trainer_cls(model=model, reward_funcs=_unused_reward, args=args,
                                        train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
                                        processing_class=tokenizer, peft_config=peft_config)
-        if ref_model is not None and g.beta > 0 and not self.is_lora:
+        if ref_model is not None and grpo.beta > 0 and not self.is_lora:
             # TRL loaded its own copy from `model.config._name_or_path`; an explicit reference replaces it
             from trl.trainer.utils import add_fused_lm_head
 
             add_fused_lm_head(ref_model, temperature=args.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
             ref_model.to(self.trainer.accelerator.device).eval().requires_grad_(False)
             self.trainer.ref_model = ref_model
-        if g.gradient_checkpointing:
+        if grpo.gradient_checkpointing:
             base = self.trainer.model
             if self.is_lora:
                 base.enable_input_require_grads()
@@ -290,6 +264,9 @@ class PolicyUpdater:
         self.optimizer_steps = 0
         """Optimiser steps taken (num_iterations per LANPO step; a step with nothing to train still counts)."""
         self.last_checkpoint: CheckpointInfo | None = None
+        """The newest checkpoint known to be complete on disk."""
+        self._checkpoint_writer = CheckpointWriter()
+        self._tokenizer_files: dict[str, bytes] | None = None
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -325,9 +302,9 @@ class PolicyUpdater:
         lr = float(self.lr_scheduler.get_last_lr()[0])
         for _ in range(self.config.grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            loss, m = self._forward_backward(prep)
+            loss, metrics_of_pass = self._forward_backward(prep)
             losses.append(loss)
-            pass_metrics.append(m)
+            pass_metrics.append(metrics_of_pass)
             if trained:
                 norm = self.trainer.accelerator.clip_grad_norm_(params, self.config.grpo.max_grad_norm)
                 norms.append(float(norm))
@@ -362,9 +339,9 @@ class PolicyUpdater:
         self.model.train()
         prep = self._prepare(samples)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, m = self._forward_backward(prep)
+        loss, metrics_of_pass = self._forward_backward(prep)
         out = dict(prep.metrics)
-        out.update(m)
+        out.update(metrics_of_pass)
         out.update(self._is_metrics(prep))
         out["loss"] = loss
         return out
@@ -408,40 +385,18 @@ class PolicyUpdater:
         with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
             return self._token_logps(self.model, batch)
 
-    def _advantages(self, samples: Sequence[RolloutSample]) -> tuple[torch.Tensor, list[list[int]], list[bool]]:
-        """Group advantages over all kinds of a problem. Returns (A, index lists per group, zero-variance flags)."""
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(samples):
-            groups.setdefault(s.group_id, []).append(i)
-        rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
-        if not torch.isfinite(rewards).all():
-            raise ValueError("rewards must be finite (an unscorable rollout should not reach the update)")
-        adv = torch.zeros_like(rewards)
-        zero_var: list[bool] = []
-        scale = self.config.grpo.scale_rewards
-        batch_std = rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)  # Bessel, like TRL's nanstd
-        members = list(groups.values())
-        for idx in members:
-            r = rewards[idx]
-            if len(idx) < 2:
-                zero_var.append(True)  # a singleton has no baseline (TRL: std NaN -> advantage 0)
-                continue
-            std = r.std()
-            is_zero = bool(torch.isclose(std, torch.zeros_like(std)))
-            zero_var.append(is_zero)
-            if is_zero:
-                continue
-            a = r - r.mean()
-            if scale == "group":
-                a = a / (std + ADV_EPS)
-            elif scale == "batch":
-                a = a / (batch_std + ADV_EPS)
-            adv[idx] = a
-        return adv, members, zero_var
+    def _sampling_logps(self, samples: Sequence[RolloutSample], i: int) -> torch.Tensor:
+        """Sample i's sampling log-probs as a tensor, None -> NaN; it must have one per completion token."""
+        values, n_tokens = samples[i].sampling_logprobs, len(samples[i].completion_ids)
+        if values is None or len(values) != n_tokens:
+            raise ValueError(f"sample {i} (group {samples[i].group_id}): off-policy rollouts need one sampling "
+                             f"log-prob per completion token ({n_tokens}), got {None if values is None else len(values)}")
+        return torch.tensor([float("nan") if x is None else float(x) for x in values], dtype=torch.float32)
 
     def _prepare(self, samples: Sequence[RolloutSample]) -> _Prepared:
-        cfg, g = self.config, self.config.grpo
-        off = cfg.lanpo.offpolicy
+        """The LANPO rules (loss.py) on a step's rollouts: advantages, weights and padded micro-batches for TRL."""
+        grpo, lanpo = self.config.grpo, self.config.lanpo
+        correction = lanpo.offpolicy.correction
         n = len(samples)
         if n == 0:
             raise ValueError("step() needs at least one rollout")
@@ -450,134 +405,111 @@ class PolicyUpdater:
                 raise ValueError(f"sample {i} (group {s.group_id}) has an empty completion")
             if not s.train_prompt_ids:
                 raise ValueError(f"sample {i} (group {s.group_id}) has an empty training prompt")
-        adv, members, zero_var = self._advantages(samples)
-        off_policy = [s.context_conditioned and cfg.lanpo.train_prompt == "plain" for s in samples]
-        weight = torch.ones(n, dtype=torch.float32)
-        dropped = 0
-        for i in range(n):
-            if off_policy[i] and off.negative_advantage == "drop" and adv[i] < 0:
-                weight[i] = 0.0
-                dropped += 1
-        run_all = g.beta > 0
-        train_idx = [i for i in range(n) if run_all or (weight[i] != 0 and adv[i] != 0)]
+        rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards must be finite (an unscorable rollout should not reach the update)")
+
+        groups = group_members([s.group_id for s in samples])
+        advantages, zero_variance = group_advantages(rewards, groups, grpo.scale_rewards)
+        off_policy = torch.tensor([s.context_conditioned and lanpo.train_prompt == "plain" for s in samples],
+                                  dtype=torch.bool)
+        dropped = dropped_negatives(advantages, off_policy, lanpo.offpolicy.negative_advantage)
+        signal = has_signal(advantages, dropped)
+        weighted_advantages = advantages * (~dropped).float()  # w = 0 for a dropped negative, else 1 so far
+        # the off-policy sequences whose w needs log pi_old(y|q_train) - log mu(y|q_sample)
+        corrected = off_policy & signal & needs_sampling_logps(correction)
+        sampling_logps = {i: self._sampling_logps(samples, i) for i in corrected.nonzero()[:, 0].tolist()}
+        nan_tokens = sum(int((~torch.isfinite(t)).sum()) for t in sampling_logps.values())
+
+        # with a KL term every sequence has a gradient; without one, sequences without signal are not run
+        trained = torch.ones(n, dtype=torch.bool) if grpo.beta > 0 else signal
+        trained_idx = trained.nonzero()[:, 0].tolist()
         # longest first: each micro-batch pads to its own maximum, so similar lengths share a micro-batch
-        train_idx.sort(key=lambda i: -(len(samples[i].train_prompt_ids) + len(samples[i].completion_ids)))
-        mbs = g.micro_batch_size
-        chunks = [train_idx[k:k + mbs] for k in range(0, len(train_idx), mbs)]
-        batches = [self._pad([samples[i].train_prompt_ids for i in c], [samples[i].completion_ids for i in c])
-                   for c in chunks]
+        trained_idx.sort(key=lambda i: -(len(samples[i].train_prompt_ids) + len(samples[i].completion_ids)))
+        size = grpo.micro_batch_size
+        chunks = [trained_idx[k:k + size] for k in range(0, len(trained_idx), size)]
 
-        # pi_old under the training prompt: needed for num_iterations > 1 (all sequences) and, as the numerator of
-        # the importance weight, for trained off-policy sequences.
-        need_is = off.correction == "truncated_is"
-        is_idx = [i for i in train_idx if off_policy[i] and weight[i] != 0 and adv[i] != 0 and need_is]
-        samp_t: dict[int, torch.Tensor] = {}
-        nan_tokens = 0
-        for i in is_idx:
-            samp = samples[i].sampling_logprobs
-            if samp is None or len(samp) != len(samples[i].completion_ids):
-                raise ValueError(f"sample {i} (group {samples[i].group_id}): off-policy rollouts need one sampling "
-                                 f"log-prob per completion token ({len(samples[i].completion_ids)}), got "
-                                 f"{None if samp is None else len(samp)}")
-            samp_t[i] = torch.tensor([float("nan") if x is None else float(x) for x in samp], dtype=torch.float32)
-            nan_tokens += int((~torch.isfinite(samp_t[i])).sum())
-        log_max = math.log(off.max_ratio)
-        log_ratios: list[float] = []
-        old_logps: list[torch.Tensor | None] = [None] * len(chunks)
-        defer_is = g.num_iterations == 1
-        if not defer_is:
-            # pi_old under the training prompt, once, without gradient: TRL's ratio denominator for every pass, and
-            # the importance weight's numerator
-            is_set = set(is_idx)
-            for k, (c, b) in enumerate(zip(chunks, batches)):
-                old_logps[k] = self._token_logps(self.model, b)
-                for row, i in enumerate(c):
-                    if i in is_set:
-                        lp = old_logps[k][row, : len(samples[i].completion_ids)].cpu()
-                        ok = torch.isfinite(samp_t[i])  # a token without a sampling log-prob adds 0 (as in TRL)
-                        lr_i = float(((lp - torch.where(ok, samp_t[i], 0.0)) * ok).sum())
-                        log_ratios.append(lr_i)
-                        weight[i] = math.exp(min(lr_i, log_max))
-
-        eff_adv = adv * weight
         total_tokens = sum(len(s.completion_ids) for s in samples)
-        spg = self.trainer.args.steps_per_generation
-        is_set = set(is_idx)
+        steps_per_generation = self.trainer.args.steps_per_generation
+        weight_in_forward = grpo.num_iterations == 1
+        log_ratios: list[float] = []
         micro_batches = []
-        mb_tokens = []
-        for k, (c, b) in enumerate(zip(chunks, batches)):
-            ga_eff = n / len(c)
-            inputs = dict(b)
-            inputs["advantages"] = eff_adv[c].to(self.device)
-            # dapo normalises by num_items_in_batch * current_GA / steps_per_generation: make that the token count
-            inputs["num_items_in_batch"] = torch.tensor(total_tokens * spg / ga_eff, dtype=torch.float32,
-                                                        device=self.device)
-            if old_logps[k] is not None:
-                inputs["old_per_token_logps"] = old_logps[k]
-            if g.beta > 0:
-                inputs["ref_per_token_logps"] = self._ref_token_logps(b)
-            inputs["_ga_eff"] = ga_eff
-            if defer_is and any(i in is_set for i in c):
-                cmax = b["completion_ids"].size(1)
-                samp = torch.zeros((len(c), cmax), dtype=torch.float32)
-                ok = torch.zeros((len(c), cmax), dtype=torch.bool)
-                for row, i in enumerate(c):
-                    if i in is_set:
-                        fin = torch.isfinite(samp_t[i])
-                        samp[row, : len(fin)] = torch.where(fin, samp_t[i], 0.0)
-                        ok[row, : len(fin)] = fin
-                rows = torch.tensor([i in is_set for i in c])
-                inputs["_is"] = (rows.to(self.device), samp.to(self.device), ok.to(self.device))
-            micro_batches.append(inputs)
-            mb_tokens.append(int(b["completion_mask"].sum()))
+        for rows in chunks:
+            batch = self._pad([samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows])
+            inputs = dict(batch)
+            inputs["advantages"] = weighted_advantages[rows].to(self.device)
+            accumulation_steps = n / len(rows)
+            # dapo normalises by num_items_in_batch * current accumulation count / steps_per_generation: make that
+            # the step's completion-token count
+            inputs["num_items_in_batch"] = torch.tensor(total_tokens * steps_per_generation / accumulation_steps,
+                                                        dtype=torch.float32, device=self.device)
+            if grpo.beta > 0:
+                inputs["ref_per_token_logps"] = self._ref_token_logps(batch)
+            offpolicy_rows = self._offpolicy_rows(rows, corrected, sampling_logps, batch)
+            if not weight_in_forward:
+                # pi_old under the training prompt, once, without gradient: TRL's ratio denominator for every pass,
+                # and the numerator of the importance weight
+                inputs["old_per_token_logps"] = self._token_logps(self.model, batch)
+                if offpolicy_rows is not None:
+                    self._apply_offpolicy_weights(inputs["advantages"], inputs["old_per_token_logps"],
+                                                  offpolicy_rows, log_ratios)
+                    offpolicy_rows = None
+            micro_batches.append(_MicroBatch(inputs, accumulation_steps, int(batch["completion_mask"].sum()),
+                                             offpolicy_rows))
 
-        metrics = self._batch_metrics(samples, adv, weight, members, zero_var, off_policy, dropped, nan_tokens,
-                                      train_idx, total_tokens)
-        return _Prepared(n, micro_batches, mb_tokens, metrics, log_ratios)
+        metrics = self._batch_metrics(samples, advantages, groups, zero_variance, off_policy, dropped, nan_tokens,
+                                      trained_idx, total_tokens)
+        return _Prepared(n, micro_batches, metrics, log_ratios)
 
-    @staticmethod
-    def _is_hook(adv: torch.Tensor, rows: torch.Tensor, samp: torch.Tensor, ok: torch.Tensor, log_max: float,
-                 sink: list[float]):
-        """Scale the advantages of off-policy rows by w = min(exp(sum log pi_old - sum log mu), max_ratio), with
-        pi_old = the training forward's own detached log-probs (num_iterations == 1)."""
+    def _offpolicy_rows(self, rows: list[int], corrected: torch.Tensor, sampling_logps: dict[int, torch.Tensor],
+                        batch: dict[str, torch.Tensor]) -> _OffPolicyRows | None:
+        """The padded sampling log-probs of a micro-batch's corrected rows, or None if it has none."""
+        selected = corrected[rows]
+        if not selected.any():
+            return None
+        padded = torch.full(tuple(batch["completion_ids"].shape), float("nan"), dtype=torch.float32)
+        for row, i in enumerate(rows):
+            if i in sampling_logps:
+                padded[row, : len(sampling_logps[i])] = sampling_logps[i]
+        return _OffPolicyRows(selected.to(self.device), padded.to(self.device), batch["completion_mask"])
 
-        def hook(per_token_logps: torch.Tensor) -> None:
-            with torch.no_grad():
-                log_ratio = ((per_token_logps.detach().float() - samp) * ok).sum(-1)
-                w = torch.exp(torch.clamp(log_ratio, max=log_max))
-                adv.mul_(torch.where(rows, w, torch.ones_like(w)))
-                sink.extend(log_ratio[rows].tolist())
-
-        return hook
+    def _apply_offpolicy_weights(self, advantages: torch.Tensor, train_logps: torch.Tensor, offpolicy: _OffPolicyRows,
+                                 log_ratios: list[float]) -> None:
+        """advantages *= w on the off-policy rows, w = loss.offpolicy_weight of their sequence log-ratio, with
+        log pi_old = `train_logps` (the training forward's own detached log-probs when num_iterations == 1)."""
+        setting = self.config.lanpo.offpolicy
+        with torch.no_grad():
+            log_ratio = sequence_log_ratio(train_logps.detach(), offpolicy.sampling_logps, offpolicy.mask)
+            weight = offpolicy_weight(setting.correction, log_ratio, setting.max_ratio)
+            advantages.mul_(torch.where(offpolicy.rows, weight, torch.ones_like(weight)))
+            log_ratios.extend(log_ratio[offpolicy.rows].tolist())
 
     def _forward_backward(self, prep: _Prepared) -> tuple[float, dict[str, float]]:
         """One pass over the micro-batches through TRL's training_step (loss + backward). Returns (loss, metrics)."""
-        tr = self.trainer
-        tr._metrics["train"].clear()
+        trainer = self.trainer
+        trainer._metrics["train"].clear()
         total = 0.0
-        log_max = math.log(self.config.lanpo.offpolicy.max_ratio)
         for mb in prep.micro_batches:
-            inputs = {k: v for k, v in mb.items() if not k.startswith("_")}
-            # TRL divides grpo/bnpo/dr_grpo losses by the accumulation count; N / |mb| makes the sum over
-            # micro-batches the mean over all N sequences of the step (micro-batches may differ in size).
-            tr.current_gradient_accumulation_steps = mb["_ga_eff"]
-            if "_is" in mb:
-                tr._lanpo_logps_hook = self._is_hook(inputs["advantages"], *mb.pop("_is"), log_max, prep.log_ratios)
-            total += float(tr.training_step(self.model, inputs, None))
-            if tr._lanpo_logps_hook is not None:
-                tr._lanpo_logps_hook = None
+            trainer.current_gradient_accumulation_steps = mb.accumulation_steps
+            if mb.offpolicy is not None:
+                rows, mb.offpolicy = mb.offpolicy, None
+                trainer._lanpo_logps_hook = functools.partial(self._apply_offpolicy_weights, mb.inputs["advantages"],
+                                                              offpolicy=rows, log_ratios=prep.log_ratios)
+            total += float(trainer.training_step(self.model, dict(mb.inputs), None))
+            if trainer._lanpo_logps_hook is not None:
+                trainer._lanpo_logps_hook = None
                 raise RuntimeError("TRL's _compute_loss no longer calls _get_per_token_logps_and_entropies first; "
                                    "the deferred importance weight cannot be applied (set num_iterations > 1)")
-        m = tr._metrics["train"]
+        logged = trainer._metrics["train"]
         out: dict[str, float] = {}
-        w = prep.mb_tokens
-        wsum = float(sum(w)) or 1.0
+        tokens = [mb.tokens for mb in prep.micro_batches]
+        token_sum = float(sum(tokens)) or 1.0
 
-        def tok_mean(key: str) -> float | None:
-            vals = m.get(key)
-            if not vals or len(vals) != len(w):
+        def tok_mean(key: str) -> float | None:  # TRL logs one token mean per micro-batch
+            vals = logged.get(key)
+            if not vals or len(vals) != len(tokens):
                 return None
-            return float(sum(v * t for v, t in zip(vals, w)) / wsum)
+            return float(sum(v * t for v, t in zip(vals, tokens)) / token_sum)
 
         for key, name in (("entropy", "entropy"), ("kl", "kl"), ("clip_ratio/region_mean", "clip_frac/region"),
                           ("clip_ratio/low_mean", "clip_frac/low"), ("clip_ratio/high_mean", "clip_frac/high")):
@@ -586,11 +518,11 @@ class PolicyUpdater:
                 out[name] = v
         if self.config.grpo.beta == 0:
             out["kl"] = 0.0
-        tr._metrics["train"].clear()
+        trainer._metrics["train"].clear()
         return total, out
 
-    def _batch_metrics(self, samples, adv, weight, members, zero_var, off_policy, dropped, nan_tokens,
-                       train_idx, total_tokens) -> dict[str, float]:
+    def _batch_metrics(self, samples, adv, members, zero_var, off_policy, dropped, nan_tokens, train_idx,
+                       total_tokens) -> dict[str, float]:
         out: dict[str, float] = {}
         rewards = torch.tensor([float(s.reward) for s in samples])
         out["reward/mean"] = float(rewards.mean())
@@ -613,7 +545,7 @@ class PolicyUpdater:
         out["groups"] = float(len(members))
         out["zero_variance_groups"] = float(sum(zero_var))
         out["zero_variance_frac"] = float(sum(zero_var)) / max(1, len(members))
-        out["dropped_negatives"] = float(dropped)
+        out["dropped_negatives"] = float(dropped.sum())
         out["is/nan_tokens"] = float(nan_tokens)
         out["samples/total"] = float(len(samples))
         out["samples/trained"] = float(len(train_idx))
@@ -626,8 +558,9 @@ class PolicyUpdater:
         out: dict[str, float] = {"is/n": float(len(prep.log_ratios))}
         if prep.log_ratios:
             lr = torch.tensor(prep.log_ratios, dtype=torch.float64)
-            log_max = math.log(self.config.lanpo.offpolicy.max_ratio)
-            w = torch.exp(torch.clamp(lr, max=log_max))
+            setting = self.config.lanpo.offpolicy
+            log_max = math.log(setting.max_ratio)
+            w = offpolicy_weight(setting.correction, lr, setting.max_ratio)
             out["is/log_ratio_mean"] = float(lr.mean())
             out["is/ratio_mean"] = float(torch.exp(torch.clamp(lr, max=50.0)).mean())  # before truncation
             out["is/ratio_max"] = float(torch.exp(torch.clamp(lr.max(), max=50.0)))
@@ -637,7 +570,7 @@ class PolicyUpdater:
         else:
             out.update({"is/ratio_mean": 1.0, "is/ratio_max": 1.0, "is/weight_mean": 1.0, "is/truncated_frac": 0.0})
         # the advantages after LANPO weighting (also after the deferred importance weights)
-        eff = sum(float(mb["advantages"].abs().sum()) for mb in prep.micro_batches)
+        eff = sum(float(mb.inputs["advantages"].abs().sum()) for mb in prep.micro_batches)
         out["adv_weighted/abs_mean"] = eff / prep.n_samples
         return out
 
@@ -645,31 +578,101 @@ class PolicyUpdater:
     def _unwrapped(self):
         return self.trainer.accelerator.unwrap_model(self.model)
 
-    def save_checkpoint(self) -> CheckpointInfo:
-        """Write `<run_dir>/checkpoints/step-<step_count>` atomically; keep the last `grpo.checkpoint_keep_last`."""
+    def _weights_snapshot(self, model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(state dict for `save_pretrained(state_dict=...)`, the tensors it writes, under their file names), with
+        every tensor that training changes copied."""
+        live = model.state_dict()
+        if self.is_lora:
+            from peft import get_peft_model_state_dict
+
+            # the base weights are frozen, so only the trainable tensors (the adapter) need a copy
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            sd = {k: copy_tensor(v) if k in trainable else v for k, v in live.items()}
+            # the same selection and renaming PeftModel.save_pretrained applies to the state dict it is given
+            return sd, get_peft_model_state_dict(model, state_dict=sd, adapter_name=model.active_adapter)
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        # tied aliases (lm_head = embedding) go before copying, as save_pretrained drops them, so each is copied once
+        sd = {k: copy_tensor(v) for k, v in remove_tied_weights_from_state_dict(dict(live), model).items()}
+        return sd, revert_weight_conversion(model, dict(sd))
+
+    @staticmethod
+    def _copy_state(obj):
+        """Deep copy of a (nested) state dict; tensors are cloned."""
+        if isinstance(obj, torch.Tensor):
+            return copy_tensor(obj)
+        if isinstance(obj, dict):
+            return {k: PolicyUpdater._copy_state(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(PolicyUpdater._copy_state(v) for v in obj)
+        import copy
+
+        return copy.deepcopy(obj)
+
+    def _tokenizer_snapshot(self) -> dict[str, bytes]:
+        # Rendered once: the tokenizer does not change during a run, and a fast tokenizer must not be serialised in
+        # the write thread while this one encodes prompts ("Already borrowed").
+        if self._tokenizer_files is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                self._tokenizer_files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        return self._tokenizer_files
+
+    def save_checkpoint(self, background: bool = False) -> CheckpointInfo:
+        """Write `<run_dir>/checkpoints/step-<step_count>` atomically; keep the last `grpo.checkpoint_keep_last`.
+
+        Everything the checkpoint holds (weights or adapter, optimiser and scheduler state, RNG states, counters) is
+        copied and its checksum computed before this returns, so the caller may change the weights at once. With
+        `background=True` the files are written in a thread: the returned info (final path, checksum) is valid, but
+        the folder exists only after `wait_checkpoint()`. Waits for (and re-raises the error of) a pending write."""
+        self.wait_checkpoint()
         model = self._unwrapped()
-        optimizer_state = self.optimizer.state_dict()
-        scheduler_state = self.lr_scheduler.state_dict()
+        weights, written = self._weights_snapshot(model)
+        checksum = tensors_checksum(written)
+        del written
+        optimizer_state = self._copy_state(self.optimizer.state_dict())  # it holds the live moment tensors
+        scheduler_state = self._copy_state(self.lr_scheduler.state_dict())
         rng = capture_rng_state()
+        tokenizer_files = self._tokenizer_snapshot()
 
         def write(folder: Path) -> None:
-            model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-            torch.save(optimizer_state, folder / "optimizer.pt")
-            torch.save(scheduler_state, folder / "scheduler.pt")
-            torch.save(rng, folder / "rng.pt")
+            # save_pretrained only reads the model's config here; the tensors come from the snapshot
+            model.save_pretrained(folder, state_dict=weights)
+            for name, data in tokenizer_files.items():
+                (folder / name).write_bytes(data)
+            torch_save_fast(optimizer_state, folder / "optimizer.pt")
+            torch_save_fast(scheduler_state, folder / "scheduler.pt")
+            torch_save_fast(rng, folder / "rng.pt")
 
         state = {"optimizer_steps": self.optimizer_steps, "weights": "lora" if self.is_lora else "full",
                  "config_digest": self.config.digest(), "base_model": self.config.model.name_or_path,
                  "global_step": self.trainer.state.global_step}
-        info = write_checkpoint(self.run_dir, self.step_count, write, state, self.config.grpo.checkpoint_keep_last)
-        self.last_checkpoint = info
+        step = self.step_count
+        job = functools.partial(write_checkpoint, self.run_dir, step, write, state,
+                                self.config.grpo.checkpoint_keep_last, checksum=checksum)
+        info = self._checkpoint_writer.submit(CheckpointInfo(checkpoint_path(self.run_dir, step), step, checksum),
+                                              job, background)
+        if not background:
+            self.last_checkpoint = info
+        return info
+
+    def wait_checkpoint(self) -> CheckpointInfo | None:
+        """Block until a pending background write is on disk and return it (None if none is pending). Raises
+        `CheckpointWriteError` (naming the folder) if it failed; nothing was published under that name then."""
+        info = self._checkpoint_writer.wait()
+        if info is not None:
+            self.last_checkpoint = info
         return info
 
     def load_checkpoint(self, path: str | Path, verify: bool = True) -> CheckpointInfo:
-        """Restore weights (or adapter), optimiser, scheduler, RNG states and counters from a checkpoint folder."""
+        """Restore weights (or adapter), optimiser, scheduler, RNG states and counters from a checkpoint folder.
+        Waits for a pending background write first (it may be the folder asked for)."""
         from safetensors.torch import load_file
 
+        self.wait_checkpoint()
         path = Path(path)
         info = verify_checkpoint(path) if verify else checkpoint_info(path)
         state = read_state(path)
@@ -720,16 +723,3 @@ class PolicyUpdater:
             return updater
         updater.load_checkpoint(target)
         return updater
-
-    def export_policy(self, folder: str | Path) -> Path:
-        """Save the current policy as a standalone HF model folder (LoRA merged into a copy), e.g. for vLLM."""
-        import copy
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self._unwrapped()
-        if self.is_lora:
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        return folder

@@ -9,12 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lanpo_core.config import LanpoConfig, PromptConfig
+from lanpo_core.config import LanpoConfig, PromptConfig, RunConfig
 from lanpo_core.data import Problem, problem_id
-from lanpo_core.feedback import (HIDDEN, MARKER_RE, FeedbackBuilder, LeakageGuard, abstraction_request_messages,
-                                 abstraction_solve_messages, audit_context, extractive_lessons, parse_lessons, prepare_attempt,
-                                 reflection_messages, render_chat, solve_messages)
-from lanpo_core.pool import ExperiencePool, RolloutRecord
+from lanpo_core.feedback import (HIDDEN, MARKER_RE, FeedbackBatch, FeedbackBuilder, LeakageGuard,
+                                 abstraction_request_messages, abstraction_solve_messages, audit_context,
+                                 engine_abstractor, extractive_lessons, feedback_kinds, parse_lessons,
+                                 prepare_attempt, reflection_messages, render_chat, solve_messages)
+from lanpo_core.pool import ExperiencePool, LessonSet, PoolError, RolloutRecord
 from lanpo_core.verify import answer_in_text, extract_answer, numeric_value
 
 FAST = settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -58,21 +59,31 @@ def test_templates_are_chat_messages_with_optional_system_prompt(smollm2_path):
     assert solve_messages("Q", with_system)[0] == {"role": "system", "content": "You are a careful solver."}
     msgs, context = reflection_messages("What is 2 + 3?", ["2 + 3 = [hidden]"], with_system)
     user = msgs[1]["content"]
-    assert user.startswith("What is 2 + 3?") and "2 + 3 = [hidden]" in user and user.endswith(plain.solve_instruction)
-    assert "critically" in user and "possible errors" in user and "fresh, complete solution" in user
-    assert "What is 2 + 3?" not in context and plain.solve_instruction not in context and "2 + 3 = [hidden]" in context
+    assert user.startswith("What is 2 + 3?")
+    assert "2 + 3 = [hidden]" in user
+    assert user.endswith(plain.solve_instruction)
+    for phrase in ("critically", "possible errors", "fresh, complete solution"):
+        assert phrase in user
+    assert "What is 2 + 3?" not in context
+    assert plain.solve_instruction not in context
+    assert "2 + 3 = [hidden]" in context
     two, _ = reflection_messages("Q", ["a", "b"])
-    assert "2 earlier attempts" in two[0]["content"] and "### Earlier attempt 2" in two[0]["content"]
+    assert "2 earlier attempts" in two[0]["content"]
+    assert "### Earlier attempt 2" in two[0]["content"]
     request = abstraction_request_messages([("P1", "S1"), ("P2", "S" * 5000)], 3, plain, max_chars=100)[0]["content"]
-    assert "at most 3" in request and "do not quote any numbers" in request and "S" * 101 not in request
+    assert "at most 3" in request
+    assert "do not quote any numbers" in request
+    assert "S" * 101 not in request
     solve, ctx = abstraction_solve_messages("What is 2 + 3?", ["Add the ones.", "Check the sum."], plain)
-    assert "- Add the ones.\n- Check the sum." in solve[0]["content"] and "What is 2 + 3?" not in ctx
+    assert "- Add the ones.\n- Check the sum." in solve[0]["content"]
+    assert "What is 2 + 3?" not in ctx
     for text in (user, request, solve[0]["content"]):
         assert not MARKER_RE.search(text), "the templates themselves carry no markers"
     from transformers import AutoTokenizer
 
     rendered = render_chat(msgs, AutoTokenizer.from_pretrained(smollm2_path))
-    assert "You are a careful solver." in rendered and rendered.rstrip().endswith("assistant")
+    assert "You are a careful solver." in rendered
+    assert rendered.rstrip().endswith("assistant")
     assert "<|im_start|>user" in rendered
 
 
@@ -104,7 +115,8 @@ def test_parse_lessons_keeps_short_general_bullets():
 def test_guard_catches_a_planted_gold_answer(gold, text):
     guard = LeakageGuard()
     audit = guard.check("abstraction", text, gold, "An unrelated problem statement.")
-    assert not audit.ok and audit.reasons == ("gold_answer",)
+    assert not audit.ok
+    assert audit.reasons == ("gold_answer",)
     assert guard.counts["abstraction/dropped_gold_answer"] == 1
 
 
@@ -113,14 +125,16 @@ def test_guard_catches_a_planted_gold_answer(gold, text):
                                   "the gold answer is hidden", "verified by the verifier"])
 def test_guard_catches_reward_and_correctness_markers(text):
     audit = audit_context(f"### Earlier attempt 1\n{text}\n###", "99", "Q")
-    assert not audit.ok and audit.reasons == ("reward_marker",)
+    assert not audit.ok
+    assert audit.reasons == ("reward_marker",)
 
 
 def test_guard_lets_clean_contexts_and_near_misses_through():
     assert audit_context("the sum 17 and 7.5 and 70 appear", "7", "Q").ok      # not 7 as a standalone value
     assert audit_context("x^2 + 12 is not it", "x^2+1", "Q").ok
     exempt = audit_context("0 + 7 = [hidden]", "7", "What is 0 + 7?")
-    assert exempt.ok and exempt.gold_in_problem, "the problem statement already shows 7"
+    assert exempt.ok, "the problem statement already shows 7"
+    assert exempt.gold_in_problem
     assert not audit_context("0 + 7 = [hidden]", "7", "What is 0 + 7?", allow_gold_in_problem=False).ok
     assert LeakageGuard(enabled=False).check("reflection", "reward: 1, answer 7", "7", "Q").ok
 
@@ -148,7 +162,8 @@ def test_redaction_removes_the_attempts_own_answer(case):
     shown, changes = prepare_attempt(text)
     answer, _ = extract_answer(text)
     assert numeric_value(answer) == numeric_value(gold)
-    assert changes >= 1 and HIDDEN in shown
+    assert changes >= 1
+    assert HIDDEN in shown
     assert not answer_in_text(gold, shown), shown
 
 
@@ -194,7 +209,9 @@ def test_drop_rate_does_not_depend_on_the_attempts_correctness(tmp_path, embedde
     rates = _arithmetic_rates(tmp_path, embedder, redact=True)
     assert rates["correct"] == rates["wrong"] == 0.0
     raw = _arithmetic_rates(tmp_path, embedder, redact=False)
-    assert raw["correct"] > 0.7 and raw["wrong"] < 0.05, "without redaction the guard itself would leak correctness"
+    # without redaction the guard itself would leak correctness
+    assert raw["correct"] > 0.7
+    assert raw["wrong"] < 0.05
 
 
 @st.composite
@@ -249,11 +266,14 @@ def test_reflection_guard_drops_a_wrong_attempt_that_states_the_gold(tmp_path, e
     builder = FeedbackBuilder(pool)
     batch = builder.build([p], step=1, kinds=["reflection"])
     assert batch.get(p.id, "reflection") is None
-    assert batch.stats["reflection/dropped_gold_answer"] == 1 and builder.guard.counts["reflection/dropped"] == 1
+    assert batch.stats["reflection/dropped_gold_answer"] == 1
+    assert builder.guard.counts["reflection/dropped"] == 1
     assert batch.metrics()["feedback/reflection/dropped"] == 1.0
     pool.write_step(1, [attempt(p, 0, "3 * 5 = 15, 12 + 15 = 27. \\boxed{27}", 1.0)])
     ok = builder.build([p], step=2, kinds=["reflection"]).get(p.id, "reflection")
-    assert ok is not None and "27" not in ok.messages[-1]["content"] and ok.source_ids == (f"run1/1/{p.id}/0",)
+    assert ok is not None
+    assert "27" not in ok.messages[-1]["content"]
+    assert ok.source_ids == (f"run1/1/{p.id}/0",)
 
 
 # ----------------------------------------------------------------------------------------- abstraction
@@ -267,32 +287,102 @@ def abstraction_setup(tmp_path, embedder, shared_data):
     return pool, problems
 
 
-def test_abstraction_builds_lessons_caches_and_reuses_them(abstraction_setup, embedder):
+LESSONS_TEXT = ("- Write each quantity as an expression first.\n- Multiply 12 by 4.\n"
+                "- Check that the units match.\n- Work backwards from the question.\n- Another one here.")
+
+
+def test_abstraction_builds_lessons_into_the_batch_not_the_pool(abstraction_setup):
     pool, problems = abstraction_setup
-    fake = FakeAbstractor("- Write each quantity as an expression first.\n- Multiply 12 by 4.\n"
-                          "- Check that the units match.\n- Work backwards from the question.\n- Another one here.")
+    fake = FakeAbstractor(LESSONS_TEXT)
     lanpo = LanpoConfig()
     lanpo.abstraction.min_similarity = 0.5
+    version = pool.version
     builder = FeedbackBuilder(pool, lanpo, abstractor=fake, abstractor_name="fake")
     targets = problems[:8]
-    batch = builder.build(targets, step=1, kinds=["abstraction"])
+    batch = builder.build(targets, step=1, kinds=["abstraction"], policy_version=3)
     built = [batch.get(p.id, "abstraction") for p in targets]
     assert batch.stats["abstraction/built"] == sum(c is not None for c in built) >= 4
-    assert len(fake.calls) == 1 and batch.stats["abstraction/abstractor_calls"] == len(fake.calls[0])
+    assert len(fake.calls) == 1
+    assert batch.stats["abstraction/abstractor_calls"] == len(fake.calls[0])
     ctx = next(c for c in built if c is not None)
     assert ctx.lessons == ("Write each quantity as an expression first.", "Check that the units match.",
                            "Work backwards from the question.")
-    assert ctx.problem_id not in {u.split("/")[2] for u in ctx.source_ids} and len(ctx.source_ids) <= 4
+    assert ctx.problem_id not in {u.split("/")[2] for u in ctx.source_ids}
+    assert len(ctx.source_ids) <= 4
     request = fake.calls[0][0][-1]["content"]
-    assert "do not quote any numbers" in request and "Solution 0: " in request and "Solution 1: " not in request
-    again = builder.build(targets, step=1, kinds=["abstraction"])  # staged lessons are reused before the write
-    assert len(fake.calls) == 1 and again.stats["abstraction/lessons_cached"] == batch.stats["abstraction/built"]
-    report = pool.write_step(1, [])
-    assert report.lessons_written == batch.stats["abstraction/lessons_generated"]
+    assert "do not quote any numbers" in request
+    assert "Solution 0: " in request
+    assert "Solution 1: " not in request
+    sets = batch.lesson_sets()
+    assert len(sets) == batch.stats["abstraction/lessons_generated"] == len(fake.calls[0])
+    made = next(s for s in sets if set(s.source_ids) == set(ctx.source_ids))
+    assert made.lessons == ctx.lessons
+    assert (made.step, made.producer, made.policy_version) == (1, "fake", 3)
+    assert made.problem_id in {p.id for p in targets}
+    assert pool.version == version, "building feedback never writes the pool"
+    assert pool.get_lessons(ctx.source_ids) is None
+
+
+def test_lesson_sets_written_with_the_step_are_found_by_a_new_pool(abstraction_setup, embedder):
+    pool, problems = abstraction_setup
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity = 0.5
+    targets = problems[:8]
+    batch = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor(LESSONS_TEXT)).build(targets, step=1,
+                                                                                          kinds=["abstraction"])
+    contexts = [c for c in batch.contexts.values() if c.kind == "abstraction"]
+    assert contexts
+    before = pool.version
+    step_rollouts = [attempt(p, 0, "Solution again.", 0.0, kind="abstraction") for p in targets]
+    report = pool.write_step(1, step_rollouts, lessons=batch.lesson_sets())
+    assert report.lessons_written == len(batch.lesson_sets())
+    assert report.data_version == before + 1, "rollouts and lessons are one append"
+    reopened = ExperiencePool(pool.uri, "run1", embedder=embedder)
+    for ctx in contexts:
+        assert reopened.get_lessons(ctx.source_ids) == list(ctx.lessons)
+    step_view, previous = reopened.open_at(report.data_version), reopened.open_at(before)
+    assert step_view.count(step=1) == len(targets)
+    assert step_view.count(kind="lesson") == len(batch.lesson_sets())
+    assert previous.count(step=1) == 0
+    assert previous.count(kind="lesson") == 0
+    # the same step written again (a resumed run, the batch from the cache) adds no row and no version
+    again = reopened.write_step(1, step_rollouts, lessons=batch.lesson_sets())
+    assert (again.written, again.lessons_written) == (0, 0)
+    assert again.version == reopened.version == report.version
+    assert reopened.table.count_rows() == pool.table.count_rows()
+
+
+def test_builder_reuses_stored_lessons_without_asking_the_abstractor(abstraction_setup, embedder):
+    pool, problems = abstraction_setup
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity = 0.5
+    targets = problems[:8]
+    first = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor(LESSONS_TEXT)).build(targets, step=1,
+                                                                                         kinds=["abstraction"])
+    pool.write_step(1, [], lessons=first.lesson_sets())
     reopened = ExperiencePool(pool.uri, "run1", embedder=embedder)
     fresh = FakeAbstractor("- unused")
-    third = FeedbackBuilder(reopened, lanpo, abstractor=fresh).build(targets, step=1, kinds=["abstraction"])
-    assert fresh.calls == [] and third.get(ctx.problem_id, "abstraction").lessons == ctx.lessons
+    again = FeedbackBuilder(reopened, lanpo, abstractor=fresh).build(targets, step=1, kinds=["abstraction"])
+    assert fresh.calls == []
+    assert again.lesson_sets() == [], "nothing new to store"
+    assert again.stats["abstraction/lessons_cached"] == first.stats["abstraction/built"]
+    assert {k: c.lessons for k, c in again.contexts.items()} == {k: c.lessons for k, c in first.contexts.items()}
+
+
+def test_problems_with_the_same_sources_share_one_request(tmp_path, embedder):
+    family = [lumen(item, d, True) for item, d in (("pen", 3), ("lamp", 7), ("hat", 2), ("drum", 9))]
+    targets = [lumen("kite", 6, False), lumen("bell", 6, False)]
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, f"That is {p.answer} cents.", 1.0) for p in family])
+    lanpo = LanpoConfig()
+    lanpo.abstraction.min_similarity = 0.5
+    fake = FakeAbstractor("- Convert every price to the unit the question uses.")
+    batch = FeedbackBuilder(pool, lanpo, abstractor=fake).abstraction(targets, 1)
+    kite, bell = (batch.get(p.id, "abstraction") for p in targets)
+    assert set(kite.source_ids) == set(bell.source_ids)
+    assert [len(c) for c in fake.calls] == [1]
+    assert kite.lessons == bell.lessons == ("Convert every price to the unit the question uses.",)
+    assert [s.problem_id for s in batch.lesson_sets()] == [targets[0].id], "made for the first problem asking"
 
 
 def test_abstraction_guard_drops_lessons_with_the_gold(tmp_path, embedder):
@@ -306,7 +396,11 @@ def test_abstraction_guard_drops_lessons_with_the_gold(tmp_path, embedder):
     leaky = FakeAbstractor("- Use the area formula for a circle.\n- For a unit radius the area is \\pi.")
     batch = FeedbackBuilder(pool, lanpo, abstractor=leaky).build([target], step=1, kinds=["abstraction"])
     assert batch.get(target.id, "abstraction") is None
-    assert batch.stats["abstraction/dropped_gold_answer"] == 1 and batch.stats["abstraction/built"] == 0
+    assert batch.stats["abstraction/dropped_gold_answer"] == 1
+    assert batch.stats["abstraction/built"] == 0
+    # the lessons are still handed over for storage, as before: general lessons may serve other problems
+    assert [s.lessons for s in batch.lesson_sets()] == [
+        ("Use the area formula for a circle.", "For a unit radius the area is \\pi.")]
 
 
 def test_abstraction_without_sources_or_abstractor_falls_back(abstraction_setup):
@@ -316,18 +410,21 @@ def test_abstraction_without_sources_or_abstractor_falls_back(abstraction_setup)
     assert FeedbackBuilder(pool, lanpo).abstraction(problems[:3], 1).stats["abstraction/no_source"] == 3
     lanpo.abstraction.min_similarity = 0.3
     none = FeedbackBuilder(pool, lanpo).abstraction(problems[:3], 1)
-    assert none.stats["abstraction/no_abstractor"] == 3 and not none.contexts
+    assert none.stats["abstraction/no_abstractor"] == 3
+    assert not none.contexts
 
     def broken(conversations):
         raise RuntimeError("engine down")
 
     failed = FeedbackBuilder(pool, lanpo, abstractor=broken).abstraction(problems[:3], 1)
-    assert failed.stats["abstraction/abstractor_errors"] == 3 and not failed.contexts
+    assert failed.stats["abstraction/abstractor_errors"] == 3
+    assert not failed.contexts
     with pytest.raises(ValueError, match="returned 0 texts"):
         FeedbackBuilder(pool, lanpo, abstractor=lambda c: []).abstraction(problems[:3], 1)
     empty = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor("1. Add 2 and 3.")).abstraction(problems[:3], 1)
-    assert empty.stats["abstraction/no_lessons"] == 3 and empty.stats["abstraction/lessons_stripped"] == 3
-    assert pool.get_lessons(["nothing"]) is None
+    assert empty.stats["abstraction/no_lessons"] == 3
+    assert empty.stats["abstraction/lessons_stripped"] == 3
+    assert empty.lesson_sets() == [], "a set with no usable lesson is not kept: it is asked again next time"
 
 
 def test_extractive_lessons_keep_recurring_number_free_statements():
@@ -355,23 +452,30 @@ def test_extractive_abstractor_and_read_only_builder(tmp_path, embedder):
     lanpo = LanpoConfig()
     lanpo.abstraction.abstractor = "extractive"
     lanpo.abstraction.min_similarity = 0.5  # MiniLM puts these at 0.52-0.62: the item names weigh a lot
-    # evaluation reads the pool: the lessons are used, not stored
-    read_only = FeedbackBuilder(pool, lanpo, store_lessons=False).abstraction([target], None)
+    # evaluation reads the pool (step None): the lessons are used, and the builder writes nothing
+    version = pool.version
+    read_only = FeedbackBuilder(pool, lanpo).abstraction([target], None)
     ctx = read_only.get(target.id, "abstraction")
-    assert ctx is not None and ctx.lessons == ("At the Lumen market, prices are written in cents.",)
-    assert len(ctx.source_ids) == 4 and pool.get_lessons(ctx.source_ids) is None
-    assert read_only.stats["abstraction/audited"] == 1 and read_only.stats["abstraction/dropped"] == 0
-    # training stores them, keyed by their sources, like any abstractor's
+    assert ctx is not None
+    assert ctx.lessons == ("At the Lumen market, prices are written in cents.",)
+    assert len(ctx.source_ids) == 4
+    assert pool.get_lessons(ctx.source_ids) is None
+    assert pool.version == version
+    assert read_only.stats["abstraction/audited"] == 1
+    assert read_only.stats["abstraction/dropped"] == 0
+    assert [s.step for s in read_only.lesson_sets()] == [None]
+    with pytest.raises(PoolError, match="step is None"):
+        pool.write_step(1, [], lessons=read_only.lesson_sets())
+    # training stores them with the step, keyed by their sources, like any abstractor's
     stored = FeedbackBuilder(pool, lanpo).abstraction([target], 1)
     assert stored.get(target.id, "abstraction").lessons == ctx.lessons
+    assert [s.producer for s in stored.lesson_sets()] == ["extractive"]
+    pool.write_step(1, [], lessons=stored.lesson_sets())
     assert pool.get_lessons(ctx.source_ids) == list(ctx.lessons)
 
 
 def test_a_test_problem_never_retrieves_itself_from_the_training_pool(tmp_path, embedder):
     from dataclasses import replace
-
-    from lanpo_core.config import RunConfig
-    from lanpo_core.evaluate import evaluate_with_feedback
 
     family = [lumen(item, d, True) for item, d in (("pen", 3), ("lamp", 7), ("hat", 2), ("drum", 9))]
     family.append(lumen("kite", 6, False))
@@ -382,10 +486,65 @@ def test_a_test_problem_never_retrieves_itself_from_the_training_pool(tmp_path, 
     lanpo.abstraction.min_similarity = 0.5
     # the kite problem is also a test problem (same text, evaluation id): its own rollouts must not be shown
     test = replace(family[-1], id=f"eval/lumen/{family[-1].id}")
-    builder = FeedbackBuilder(pool, lanpo, store_lessons=False)
+    builder = FeedbackBuilder(pool, lanpo)
     ctx = builder.abstraction([test], None).get(test.id, "abstraction")
-    assert ctx is not None and len(ctx.source_ids) == 4
+    assert ctx is not None
+    assert len(ctx.source_ids) == 4
     assert not any(family[-1].id in uid for uid in ctx.source_ids)
     assert ctx.lessons == ("At the Lumen market, prices are written in cents.",)
-    with pytest.raises(ValueError, match="must not write lessons"):
-        evaluate_with_feedback(None, {}, RunConfig(), None, FeedbackBuilder(pool, lanpo))
+
+
+# ------------------------------------------------------------------------------- batches and abstractors
+def test_batches_merge_lesson_sets_first_come_and_stay_plain_data():
+    import pickle
+
+    a, b = FeedbackBatch(), FeedbackBatch()
+    first = LessonSet(("u1", "u2"), ("Check the units.",), 2, "p1", "Q1", "policy", 1)
+    a.new_lessons[first.key] = first
+    b.new_lessons[first.key] = LessonSet(("u2", "u1"), ("Other.",), 2, "p2", "Q2")
+    b.new_lessons["k2"] = LessonSet(("u3",), ("Draw a picture.",), 2, "p3", "Q3")
+    a.update(b)
+    assert [s.problem_id for s in a.lesson_sets()] == ["p1", "p3"]
+    assert pickle.loads(pickle.dumps(a)).lesson_sets() == a.lesson_sets()
+
+
+class RecordingEngine:
+    """Stands in for a rollout engine (a model here would only slow the test): records what it is asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests, sampling):
+        from types import SimpleNamespace
+
+        self.calls.append((requests, sampling))
+        return [SimpleNamespace(text=f"- lesson {i}", completion_ids=[1] * (i + 2)) for i in range(len(requests))]
+
+
+def test_engine_abstractor_asks_greedily_once_per_conversation():
+    cfg = RunConfig()
+    cfg.lanpo.abstraction.max_new_tokens = 77
+    engine = RecordingEngine()
+    abstractor = engine_abstractor(engine, cfg, step=5)
+    conversations = [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
+    assert abstractor(conversations) == ["- lesson 0", "- lesson 1"]
+    assert abstractor(conversations[:1]) == ["- lesson 0"]
+    requests, sampling = engine.calls[0]
+    assert [r.messages for r in requests] == conversations
+    assert [r.n for r in requests] == [1, 1]
+    assert (sampling.temperature, sampling.seed, sampling.max_new_tokens) == (0.0, 5, 77)
+    assert (sampling.top_p, sampling.top_k) == (cfg.rollout.top_p, cfg.rollout.top_k)
+    assert abstractor.tokens == 2 + 3 + 2, "a running count over calls"
+
+
+@pytest.mark.parametrize("mix,group,kinds", [
+    ({"plain": 1.0, "reflection": 0.0, "abstraction": 0.0}, 8, []),
+    ({"plain": 0.5, "reflection": 0.25, "abstraction": 0.25}, 8, ["reflection", "abstraction"]),
+    ({"plain": 0.5, "reflection": 0.0, "abstraction": 0.5}, 4, ["abstraction"]),
+    ({"plain": 0.9, "reflection": 0.0, "abstraction": 0.1}, 4, []),  # 0.4 of a rollout rounds to none
+])
+def test_feedback_kinds_are_the_kinds_the_mix_gives_rollouts(mix, group, kinds):
+    cfg = RunConfig()
+    cfg.lanpo.rollout_mix = type(cfg.lanpo.rollout_mix)(**mix)
+    cfg.rollout.num_generations = group
+    assert feedback_kinds(cfg) == kinds

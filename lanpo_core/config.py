@@ -5,7 +5,7 @@ overrides (`--set grpo.learning_rate=1e-6`), and validated before any work start
 the wrong type or out of range fails with the key, the file and what was expected.
 
 Every field carries a docstring (pydantic reads them as field descriptions, so they also show in the JSON
-schema that the Prefect UI renders). Where a default comes from METHOD.md (shared/docs/METHOD.md) or from
+schema that the Prefect UI renders). Where a default comes from METHOD.md (docs/METHOD.md) or from
 TRL, the docstring says so; `docs/defaults.md` records why each LANPO default was chosen.
 """
 
@@ -159,7 +159,7 @@ class VllmConfig(_Section):
     """Engine dtype. `auto`: bf16 where the hardware computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or
     AMX), else fp32, decided at run time (lanpo_core/hardware.py; docs/defaults.md, "Precision")."""
     enforce_eager: bool = True
-    """Skip graph capture/compilation: it costs 80–105 s at start on CPU and gains little (stack.md §5)."""
+    """Skip graph capture/compilation: on CPU it costs more time at start than it gains (docs/defaults.md)."""
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     """GPU only: share of device memory vLLM may take (it shares the GPU with the trainer)."""
     cpu_kv_cache_gib: int = Field(2, ge=1)

@@ -33,10 +33,15 @@ the correct one never is. The guard's drop count therefore measures the residual
 checks that on arithmetic the drop rate is the same for correct and wrong attempts, and that permuting the stored
 rewards never changes a context (the pool's attempt query does not even read rewards).
 
-**Leakage guard** (METHOD.md step 5): a context (the prompt minus the problem statement and the solve instruction,
-which the plain prompt shows too) fails when it contains the problem's gold answer as a standalone number or
-expression (`verify.answer_in_text`, the verifier's normaliser: `7` matches `7.0` and `\\frac{14}{2}`), or any
-reward/correctness marker (`MARKER_RE`). A failing context is dropped (the rollout becomes plain) and counted.
+**Leakage guard** (METHOD.md step 5): it audits what the model wrote and the context shows, each part on its own:
+every shown attempt (after the rule above) or every lesson. A context fails when one of them contains the
+problem's gold answer as a standalone number or expression (`verify.answer_in_text`, the verifier's normaliser:
+`7` matches `7.0` and `\\frac{14}{2}`), or any reward/correctness marker (`MARKER_RE`). The template's own text
+(headings such as "### Earlier attempt 1", "Below are 2 earlier attempts", the instructions) is the same for every
+problem and says nothing about its answer, so it is not audited: otherwise its numbers would fail every
+reflection context of a problem whose gold is 1 (or 2, with two attempts). The problem statement and the solve
+instruction are not audited either (the plain prompt shows them too). A failing context is dropped (the rollout
+becomes plain) and counted.
 
 **Lessons** are parsed from the abstractor's text: bullet or numbered lines (else sentences), at most N; a lesson
 with a digit, a marker word, `\\boxed`, fewer than 10 or more than 300 characters is stripped (counted). The
@@ -153,7 +158,9 @@ def _reflection_user(problem: str, attempts: Sequence[str], instruction: str) ->
 
 def reflection_messages(problem_text: str, attempts: Sequence[str],
                         prompts: PromptConfig | None = None) -> tuple[Messages, str]:
-    """(messages, audited context text) for already prepared (redacted) attempts."""
+    """(messages, context text) for already prepared (redacted) attempts. The context text is the prompt minus the
+    problem statement and the solve instruction, template headings included (for logs); the guard audits the
+    attempts themselves."""
     if not attempts:
         raise ValueError("a reflection prompt needs at least one attempt")
     prompts = prompts or PromptConfig()
@@ -176,7 +183,8 @@ def _lessons_block(lessons: Sequence[str]) -> str:
 
 def abstraction_solve_messages(problem_text: str, lessons: Sequence[str],
                                prompts: PromptConfig | None = None) -> tuple[Messages, str]:
-    """(messages, audited context text): the problem plus lessons."""
+    """(messages, context text): the problem plus lessons; the context text leaves out the problem statement and
+    the solve instruction (for logs); the guard audits the lessons themselves."""
     if not lessons:
         raise ValueError("an abstraction prompt needs at least one lesson")
     prompts = prompts or PromptConfig()
@@ -328,15 +336,17 @@ class Audit:
     """The gold answer appears in the problem statement, so gold occurrences were not held against the context."""
 
 
-def audit_context(context_text: str, gold: str | None, problem_text: str | None = None, *,
+def audit_context(context: str | Sequence[str], gold: str | None, problem_text: str | None = None, *,
                   allow_gold_in_problem: bool = True) -> Audit:
-    """Pure audit of one context (the prompt minus problem statement and solve instruction)."""
+    """Pure audit of one context: the text, or the parts, the model wrote (shown attempts, lessons), each on its own
+    (a match never spans two parts, which the prompt shows apart)."""
+    parts = [context] if isinstance(context, str) else list(context)
     reasons: list[str] = []
     gold_in_problem = bool(gold) and bool(problem_text) and answer_in_text(str(gold), problem_text or "")
-    if gold and str(gold).strip() and answer_in_text(str(gold), context_text):
+    if gold and str(gold).strip() and any(answer_in_text(str(gold), part) for part in parts):
         if not (allow_gold_in_problem and gold_in_problem):
             reasons.append("gold_answer")
-    if MARKER_RE.search(context_text):
+    if any(MARKER_RE.search(part) for part in parts):
         reasons.append("reward_marker")
     return Audit(not reasons, tuple(reasons), gold_in_problem)
 
@@ -360,11 +370,12 @@ class LeakageGuard:
         self.allow_gold_in_problem = allow_gold_in_problem
         self.counts: Counter = Counter()
 
-    def check(self, kind: str, context_text: str, gold: str | None, problem_text: str | None) -> Audit:
+    def check(self, kind: str, context: str | Sequence[str], gold: str | None, problem_text: str | None) -> Audit:
+        """Audit `context` (what the model wrote: the shown attempts or the lessons) for `kind`; see `audit_context`."""
         if not self.enabled:
             self.counts[f"{kind}/audited"] += 1
             return Audit(True)
-        audit = audit_context(context_text, gold, problem_text, allow_gold_in_problem=self.allow_gold_in_problem)
+        audit = audit_context(context, gold, problem_text, allow_gold_in_problem=self.allow_gold_in_problem)
         count_audit(self.counts, kind, audit)
         return audit
 
@@ -381,9 +392,11 @@ class FeedbackContext:
     source_ids: tuple[str, ...]
     """Pool uids the context came from (store them as `RolloutRecord.context_ids`)."""
     context_text: str
-    """The audited part of the prompt."""
+    """The prompt minus the problem statement and the solve instruction, template headings included."""
     lessons: tuple[str, ...] = ()
     """Abstraction only: the lessons shown."""
+    audited: tuple[str, ...] = ()
+    """What the guard audited: the shown attempts (after the reflection rule), or the lessons."""
 
 
 @dataclass
@@ -496,12 +509,12 @@ class FeedbackBuilder:
                 batch.stats["reflection/redactions"] += changes
                 shown.append(text)
             messages, context_text = reflection_messages(p.question, shown, self.prompts)
-            audit = self.guard.check("reflection", context_text, p.answer, p.question)
+            audit = self.guard.check("reflection", shown, p.answer, p.question)
             count_audit(batch.stats, "reflection", audit)
             if not audit.ok:
                 continue
             batch.contexts[(p.id, "reflection")] = FeedbackContext(
-                p.id, "reflection", messages, tuple(a.uid for a in attempts), context_text)
+                p.id, "reflection", messages, tuple(a.uid for a in attempts), context_text, audited=tuple(shown))
             batch.stats["reflection/built"] += 1
         return batch
 
@@ -545,12 +558,13 @@ class FeedbackBuilder:
                 batch.stats["abstraction/no_lessons"] += 1
                 continue
             messages, context_text = abstraction_solve_messages(p.question, lessons, self.prompts)
-            audit = self.guard.check("abstraction", context_text, p.answer, p.question)
+            audit = self.guard.check("abstraction", lessons, p.answer, p.question)
             count_audit(batch.stats, "abstraction", audit)
             if not audit.ok:
                 continue
             batch.contexts[(p.id, "abstraction")] = FeedbackContext(
-                p.id, "abstraction", messages, tuple(e.uid for e in exps), context_text, tuple(lessons))
+                p.id, "abstraction", messages, tuple(e.uid for e in exps), context_text, tuple(lessons),
+                audited=tuple(lessons))
             batch.stats["abstraction/built"] += 1
         return batch
 

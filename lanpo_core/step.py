@@ -25,6 +25,7 @@ back without any model around.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -94,7 +95,7 @@ def plan_requests(problems: Sequence[Any], feedback: FeedbackBatch | None, cfg: 
     counts = cfg.lanpo.rollout_mix.counts(cfg.rollout.num_generations)
     plan = Plan([])
     for p in problems:
-        plain = counts["plain"]
+        plain, with_context = counts["plain"], []
         for kind in ("reflection", "abstraction"):
             n = counts[kind]
             context = feedback.get(p.id, kind) if feedback is not None and n else None
@@ -102,14 +103,24 @@ def plan_requests(problems: Sequence[Any], feedback: FeedbackBatch | None, cfg: 
                 plain += n
                 plan.fallbacks[kind] += n
             elif n:
-                plan.requests.append(RolloutRequest(messages=context.messages, n=n, tags={
-                    "problem_id": p.id, "kind": kind, "context_ids": list(context.source_ids)}))
+                with_context.append(RolloutRequest(messages=context.messages, n=n, stream=sampling_stream(p.id, kind),
+                                                   tags={"problem_id": p.id, "kind": kind,
+                                                         "context_ids": list(context.source_ids)}))
                 plan.mix[kind] += n
-        if plain:
+        if plain:  # plain first: rollout indices 0..plain-1 of the group are the plain ones
             plan.requests.append(RolloutRequest(messages=solve_messages(p.question, cfg.prompts), n=plain,
+                                                stream=sampling_stream(p.id, "plain"),
                                                 tags={"problem_id": p.id, "kind": "plain", "context_ids": []}))
             plan.mix["plain"] += plain
+        plan.requests += with_context
     return plan
+
+
+def sampling_stream(problem_id: str, kind: str) -> int:
+    """The random stream of a problem's rollouts of one kind. Named by the problem, not by the request's position,
+    so that LANPO's plain rollouts and GRPO's draw the same samples at the same step and weights (common random
+    numbers: LANPO sends three requests per problem where GRPO sends one)."""
+    return int.from_bytes(hashlib.sha256(f"{kind}|{problem_id}".encode()).digest()[:4], "big") >> 1
 
 
 def score_rollouts(completions: Sequence[Completion], problems: Sequence[Any], verifier: Verifier,
@@ -198,6 +209,7 @@ def rollout_metrics(rollouts: Sequence[Rollout], prefix: str = "rollout/") -> di
     for status, n in Counter(r.status for r in rollouts).items():
         out[f"{prefix}status_{status}"] = float(n)
     out[f"{prefix}completion_tokens"] = float(sum(len(r.completion_ids) for r in rollouts))
+    out[f"{prefix}prompt_tokens"] = float(sum(len(r.prompt_ids) for r in rollouts))  # context costs prompt tokens
     out[f"{prefix}finish_length"] = float(sum(r.finish_reason == "length" for r in rollouts))
     return out
 
@@ -248,8 +260,10 @@ def generate(rt: Runtime, problems: Sequence[Any], feedback: FeedbackBatch, step
     completions = rt.engine.generate(plan.requests, SamplingSpec.from_config(rt.cfg, step=step))
     seconds = time.perf_counter() - started
     tokens = sum(len(c.completion_ids) for c in completions)
-    return completions, {**plan.metrics(), "time/generate_seconds": seconds,
-                         "rollout/tokens_per_second": tokens / max(seconds, 1e-9)}
+    # A prompt over `rollout.max_prompt_tokens` is refused whole: its rollouts are missing from the group (counted)
+    refused = Counter(c.tags["kind"] for c in completions if c.finish_reason == "refused")
+    return completions, {**plan.metrics(), **{f"mix/refused_{k}": float(refused[k]) for k in KINDS},
+                         "time/generate_seconds": seconds, "rollout/tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
 def score(rt: Runtime, problems: Sequence[Any], completions: Sequence[Completion], policy: PolicyRef

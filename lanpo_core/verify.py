@@ -5,21 +5,27 @@
 - `boxed`: the last `\\boxed{...}` (or `\\fbox{...}`), nested braces included;
 - `hashes`: the last `#### X` line (GSM8K style);
 - `answer_is`: the last "the (final) answer is X";
-- `last_number`: the last number in the text (integers, decimals, `a/b`, thousands commas).
+- `last_number`: the last number in the text (integers, decimals, `a/b`, `\\frac{a}{b}`, thousands commas).
+
+After `####` and "the answer is", the answer is the math expression the text starts with (numbers, single-letter
+variables, operators, brackets, LaTeX; inside `$...$` if delimited), cut at the first word, sentence end or
+", " before a word: "9, because ..." is `9`, "3 dollars" is `3`, "x^2 + 1 for all x" is `x^2 + 1`. Trailing
+punctuation is never part of an answer; a comma is part of a number only between groups of three digits.
 
 The fallbacks exist because small models rarely write `\\boxed{N}` (stack.md §2); a run that wants the strict
 format sets `verify.extraction: [boxed]`.
 
 `Verifier` compares the extracted answer with the gold answer through math-verify (numbers, fractions, LaTeX
 expressions, sets, intervals). Rules: a gold answer math-verify cannot parse is a skip (`reward=None`,
-status `gold_unparsable`), never a 1; no extracted answer is `no_answer` (0); an answer that cannot be parsed
-is `wrong` (0).
+status `gold_unparsable`) whatever the response, answered or not, never a 1 or a 0; otherwise no extracted answer
+is `no_answer` (0) and an answer that cannot be parsed is `wrong` (0).
 
 Timeouts: math-verify's own timeout uses `signal.alarm`, which only works in a process's main thread (Prefect
 runs tasks in worker threads) and cannot interrupt C code. So parsing and comparison run in one long-lived
 child process per `Verifier`; the parent waits for each item's answer at most `timeout_seconds`, and when an
 item overruns, kills the child (SIGKILL: nothing survives), scores the item `timeout` (reward 0) and starts
-a fresh child for the rest of the batch. A timeout is counted, never fatal.
+a fresh child for the rest of the batch. A gold answer whose parse overruns is unusable (`gold_unparsable`). A
+timeout is counted, never fatal.
 """
 
 from __future__ import annotations
@@ -71,14 +77,66 @@ def last_boxed(text: str) -> str | None:
     return text[spans[-1][0]:spans[-1][1]].strip() if spans else None
 
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+"
+# A number as written in a response: a LaTeX fraction, an integer with thousands separators (commas only between
+# groups of three, so the comma of "9, I think" or "1,234, done" is never part of it), a plain or decimal number,
+# optionally `a/b`.
+_NUMBER = (r"-?\\[dt]?frac\{-?\d+\}\{\d+\}|-?\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|"
+           r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+_TAIL_TOKEN = re.compile(
+    r"(?P<space>\s+)|(?P<open>\\\{|[(\[])|(?P<close>\\\}|[)\]])|(?P<cmd>\\[A-Za-z]+|\\[!,;: ])|"
+    r"(?P<num>-?\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+)|(?P<var>[A-Za-z](?![A-Za-z]))|"
+    r"(?P<op>[-+*/^_=<>|!'])|(?P<punct>[.,;:])"
+)
+
+
+def _math_prefix(text: str) -> str:
+    """The short math expression `text` starts with: numbers, single-letter variables, operators, brackets and
+    LaTeX (brace groups whole), up to the first word, sentence end, or ", " before a word ("9, because ...")."""
+    i, depth, last = 0, 0, None  # last: kind of the previous non-space token
+    while i < len(text):
+        if text[i] == "{":  # a LaTeX argument: taken whole, words included (`\text{ cm}`)
+            level = 0
+            for j in range(i, len(text)):
+                level += {"{": 1, "}": -1}.get(text[j], 0)
+                if level == 0:
+                    break
+            if level:
+                break
+            i, last = j + 1, "close"
+            continue
+        m = _TAIL_TOKEN.match(text, i)
+        if m is None:
+            break
+        kind, after = m.lastgroup, text[m.end():]
+        if kind == "punct" and depth == 0:
+            if m.group() != "," and (not after or after[0].isspace()):
+                break  # ". " ends the sentence
+            if m.group() == "," and re.match(r"\s*[A-Za-z]", after):
+                break
+        if kind == "var" and last in ("num", "var", "close") and text[i - 1].isspace():
+            break  # "9 I think", "12 m": a letter after a complete value is prose or a unit
+        if kind == "open":
+            depth += 1
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+        if kind != "space":
+            last = kind
+        i = m.end()
+    return text[:i].rstrip().rstrip(".,;:").rstrip()
 
 
 def _clean_tail(answer: str) -> str:
-    answer = answer.strip().splitlines()[0] if answer.strip() else ""
-    answer = answer.strip().rstrip(".").strip().strip("$").strip()
-    return re.sub(r"^\\\(|\\\)$", "", answer).strip()
+    """The answer in the text after "the answer is" / `####`: its leading math expression, else the line."""
+    line = answer.strip().splitlines()[0].strip() if answer.strip() else ""
+    delimited = re.match(r"\$\$?(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", line)
+    body = next(g for g in delimited.groups() if g is not None) if delimited else line.lstrip("$")
+    prefix = _math_prefix(body.strip())
+    if re.search(r"[A-Za-z0-9\\]", prefix):
+        return prefix
+    # No math to cut at ("The answer is Evelyn."): the line as written.
+    line = line.rstrip(".").strip().strip("$").strip()
+    return re.sub(r"^\\\(|\\\)$", "", line).strip()
 
 
 def extract_answer(text: str, extraction: Sequence[str] = EXTRACTORS) -> tuple[str | None, str | None]:
@@ -198,8 +256,9 @@ def _wrap(answer: str) -> str:
     return answer if "\\boxed" in answer else f"\\boxed{{{answer}}}"
 
 
-def _compare_one(gold: str, answer: str, float_rounding: int, cache: dict) -> str:
-    """Runs in the child: 'correct' / 'wrong' / 'gold_unparsable'."""
+def _compare_one(gold: str, answer: str | None, float_rounding: int, cache: dict) -> str:
+    """Runs in the child: 'correct' / 'wrong' / 'gold_unparsable'; with no answer, only the gold answer is parsed:
+    'gold_ok' / 'gold_unparsable'."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
@@ -213,6 +272,8 @@ def _compare_one(gold: str, answer: str, float_rounding: int, cache: dict) -> st
     # strings would score a garbage gold answer as matched, so a gold answer needs a real parsed expression.
     if not gold_parsed or isinstance(gold_parsed[0], str):
         return "gold_unparsable"
+    if answer is None:
+        return "gold_ok"
     pred = parse(_wrap(answer), extraction_config=configs, parsing_timeout=None)
     if not pred:
         return "wrong"
@@ -245,7 +306,7 @@ def _worker(read_fd: int, write_fd: int, float_rounding: int) -> None:  # pragma
             try:
                 outbox.send(_compare_one(gold, answer, float_rounding, cache))
             except Exception:  # a parser bug on one odd string must not take the batch down
-                outbox.send("wrong")
+                outbox.send("wrong" if answer is not None else "gold_unparsable")
 
 
 class _Child:
@@ -305,7 +366,8 @@ class Verifier:
         self.format_reward = float(format_reward)
         self.float_rounding = int(float_rounding)
         self.timeouts = 0
-        """Items scored `timeout` by this verifier so far."""
+        """Overruns so far: items scored `timeout`, plus gold answers whose parse overran (their items are
+        `gold_unparsable`)."""
         self._child: list = [None]
         self._finalizer = weakref.finalize(self, _kill_child, self._child)
 
@@ -340,28 +402,40 @@ class Verifier:
         return self.score_batch([(response, gold)])[0]
 
     def score_batch(self, items: Iterable[tuple[str, str]]) -> list[Score]:
-        """Score (response, gold) pairs; order is kept. Thousands of items go through one child process."""
+        """Score (response, gold) pairs; order is kept. Thousands of items go through one child process.
+
+        Every distinct gold answer is parsed first, so that an unusable one (empty, unparsable, or its parse overran)
+        makes each of its items a skip, answered or not: an unanswered response must not score 0 against a gold
+        answer that could never have scored 1."""
         items = list(items)
-        scores: list[Score | None] = [None] * len(items)
-        pending: list[tuple[int, str, str, str | None]] = []  # index, gold, answer, extractor
-        for i, (response, gold) in enumerate(items):
-            answer, extractor = extract_answer(response or "", self.extraction)
-            if not (gold or "").strip():
-                scores[i] = Score(None, "gold_unparsable", answer, extractor)
+        golds = [(gold or "").strip() for _response, gold in items]
+        extracted = [extract_answer(response or "", self.extraction) for response, _gold in items]
+        distinct = list(dict.fromkeys(g for g in golds if g))
+        usable = {g for g, status in zip(distinct, self._run_all([(g, None) for g in distinct]))
+                  if status == "gold_ok"}
+        compare = [i for i, (g, (answer, _e)) in enumerate(zip(golds, extracted)) if g in usable and answer is not None]
+        compared = dict(zip(compare, self._run_all([(golds[i], extracted[i][0]) for i in compare])))
+        scores = []
+        for i, (gold, (answer, extractor)) in enumerate(zip(golds, extracted)):
+            if gold not in usable:
+                scores.append(Score(None, "gold_unparsable", answer, extractor))
             elif answer is None:
-                scores[i] = Score(0.0, "no_answer", None, None)
+                scores.append(Score(0.0, "no_answer", None, None))
+            elif compared[i] is None:
+                scores.append(Score(0.0, "timeout", answer, extractor))
             else:
-                pending.append((i, gold.strip(), answer, extractor))
-        while pending:
-            done = self._run_chunk(pending)
-            for (i, _gold, answer, extractor), status in zip(pending, done):
-                scores[i] = self._make_score(status, answer, extractor)
-            pending = pending[len(done):]
-            if pending:  # the item after the last answered one overran: it is a timeout
-                i, _gold, answer, extractor = pending.pop(0)
+                scores.append(self._make_score(compared[i], answer, extractor))
+        return scores
+
+    def _run_all(self, pairs: list[tuple[str, str | None]]) -> list[str | None]:
+        """The child's verdict on every (gold, answer) pair, None for one that overran (counted in `timeouts`)."""
+        out: list[str | None] = []
+        while len(out) < len(pairs):
+            out.extend(self._run_chunk(pairs[len(out):]))
+            if len(out) < len(pairs):  # the item after the last answered one overran
+                out.append(None)
                 self.timeouts += 1
-                scores[i] = Score(0.0, "timeout", answer, extractor)
-        return [s for s in scores if s is not None]
+        return out
 
     def _make_score(self, status: str, answer: str, extractor: str | None) -> Score:
         if status == "gold_unparsable":
@@ -371,12 +445,12 @@ class Verifier:
             reward += self.format_reward
         return Score(reward, status, answer, extractor)  # type: ignore[arg-type]
 
-    def _run_chunk(self, pending: list[tuple[int, str, str, str | None]]) -> list[str]:
-        """Send the items to the child; collect answers until one overruns. Returns the answered prefix."""
+    def _run_chunk(self, pending: list[tuple[str, str | None]]) -> list[str]:
+        """Send the pairs to the child; collect answers until one overruns. Returns the answered prefix."""
         if self._child[0] is None:
             self._child[0] = _Child(self.float_rounding)
         child: _Child = self._child[0]
-        child.outbox.send([(gold, answer) for _i, gold, answer, _e in pending])
+        child.outbox.send(pending)
         answers: list[str] = []
         for _ in pending:
             if not child.inbox.poll(self.timeout_seconds):

@@ -304,3 +304,39 @@ def test_listing_never_sees_a_write_in_progress_and_prune_waits(tiny_model_path,
     assert [c.step for c in list_checkpoints(run)] == [2, 3] and not first.path.exists()
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]
     assert [verify_checkpoint(c.path).checksum for c in (second, third)] == [second.checksum, third.checksum]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_reports(tiny_model_path, tmp_path):
+    import json
+
+    out = tmp_path / "checkpoint.json"
+    done = subprocess.run([sys.executable, "bench/checkpoint.py", "--model", tiny_model_path, "--repeats", "1",
+                           "--batch", "1", "--tokens", "8", "--run-dir", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    med = result["median"]
+    assert 0 < med["background: caller blocked"] <= med["background: until on disk"]
+    assert med["overlap: forward passes during the write"] >= 1 and "overlap: forward slowdown" in med
+    assert result["cpu"] in result["header"] and "| foreground save_checkpoint() |" in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"]  # its run folder is removed
+
+
+def test_format_1_checkpoints_still_verify(tmp_path):
+    """Checkpoints written before the tensor checksum recorded sha256 over the weight files' bytes."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoints" / "step-000001"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.arange(4, dtype=torch.float32)}, folder / "model.safetensors")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    checksum = hashlib.sha256(f"model.safetensors {digest}\n".encode()).hexdigest()
+    (folder / "state.json").write_text(json.dumps({"format": 1, "step": 1, "checksum": checksum}))
+    assert verify_checkpoint(folder).checksum == checksum
+    save_file({"w": torch.arange(1, 5, dtype=torch.float32)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="checksum"):
+        verify_checkpoint(folder)

@@ -253,6 +253,8 @@ def test_reflection_contexts_never_leak_and_ignore_rewards(tmp_path_factory, emb
         if ctx is not None:
             assert not MARKER_RE.search(ctx.context_text)
             assert not answer_in_text(p.answer, ctx.context_text)
+            assert len(ctx.audited) == min(n, len(texts))
+            assert all(part in ctx.context_text for part in ctx.audited)
             contexts.append((ctx.messages, [u.split("/", 1)[1] for u in ctx.source_ids]))
         else:
             contexts.append(None)
@@ -274,6 +276,50 @@ def test_reflection_guard_drops_a_wrong_attempt_that_states_the_gold(tmp_path, e
     assert ok is not None
     assert "27" not in ok.messages[-1]["content"]
     assert ok.source_ids == (f"run1/1/{p.id}/0",)
+
+
+# The template's own headings ("### Earlier attempt 1", "Below are 2 earlier attempts") are not the model's: a gold
+# answer of 1 or 2 must not make every reflection context fail, while everything the attempts say is still audited.
+@pytest.mark.parametrize("question, gold, responses, kept", [
+    ("What is 5 - 4?", "1", ["5 - 4 = 3, so \\boxed{3}"], True),
+    ("What is 9 - 8?", "1", ["9 - 8 = 2"], True),
+    ("What is 9 - 7?", "2", ["9 - 7 = 3", "The answer is 4."], True),
+    ("What is 8 - 7?", "1", ["8 - 7 = 0", "So it is 3."], True),
+    ("What is 5 - 4?", "1", ["5 - 4 = 1, then add 1 more: \\boxed{2}"], False),   # the gold mid-text
+    ("What is 9 - 7?", "2", ["9 - 7 = 3", "First 9 - 7 = 2, then double: 4"], False),
+])
+def test_reflection_guard_audits_the_attempts_not_the_template(tmp_path, embedder, question, gold, responses, kept):
+    p = prob(question, gold, "arithmetic")
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, i, r, 0.0) for i, r in enumerate(responses)])
+    lanpo = LanpoConfig()
+    lanpo.reflection.max_attempts = len(responses)
+    builder = FeedbackBuilder(pool, lanpo)
+    batch = builder.reflection([p], step=1)
+    ctx = batch.get(p.id, "reflection")
+    assert (ctx is not None) is kept
+    assert batch.stats["reflection/dropped_gold_answer"] == builder.guard.counts["reflection/dropped_gold_answer"] \
+        == (0 if kept else 1)
+    if kept:
+        assert f"### Earlier attempt {len(responses)}" in ctx.messages[-1]["content"]
+        assert len(ctx.audited) == len(responses)
+        assert not any(answer_in_text(gold, part) for part in ctx.audited)
+        assert all(part in ctx.messages[-1]["content"] for part in ctx.audited), "the audit covers what is shown"
+
+
+def test_guard_audits_every_model_written_part():
+    guard = LeakageGuard()
+    lessons = ["Use the area formula for a circle.", "For a unit radius the area is \\pi."]
+    assert guard.check("abstraction", lessons, "\\pi", "A circle has radius one. What is its area?").reasons == (
+        "gold_answer",)
+    assert guard.check("reflection", ["2 + 3 = [hidden]", "so 1 is left"], "1", "Q").reasons == ("gold_answer",)
+    assert guard.check("reflection", ["2 + 3 = [hidden]", "the reward was high"], "8", "Q").reasons == (
+        "reward_marker",)
+    assert guard.check("reflection", ["2 + 3 = [hidden]", "no clue"], "1", "Q").ok
+    assert guard.counts["abstraction/dropped_gold_answer"] == guard.counts["reflection/dropped_gold_answer"] == 1
+    assert guard.counts["reflection/audited"] == 3
+    # the exemption: the problem statement shows the gold anyway
+    assert guard.check("reflection", ["so 1 is left"], "1", "What is 1 + 0?").ok
 
 
 # ----------------------------------------------------------------------------------------- abstraction

@@ -482,6 +482,22 @@ def test_vllm_seeded_per_request(vllm_engine):
 
 
 @pytest.mark.slow
+def test_vllm_a_named_stream_gives_the_same_samples_whatever_the_call(vllm_engine):
+    """Common random numbers: LANPO asks for 2 plain samples among other requests, GRPO for 4 alone; with the same
+    stream the 2 are the first 2 of the 4."""
+    s = SamplingSpec(temperature=1.0, max_new_tokens=10, seed=5)
+    plain = _chat("What is 7 + 6?")
+    lanpo = vllm_engine.generate([_chat("Earlier attempt: 12. What is 7 + 6?", n=2),
+                                  RolloutRequest(messages=plain.messages, n=2, stream=77)], s)
+    grpo = vllm_engine.generate([RolloutRequest(messages=plain.messages, n=4, stream=77)], s)
+    unnamed = vllm_engine.generate([RolloutRequest(messages=plain.messages, n=4)], s)  # stream = position 0
+    assert [c.completion_ids for c in lanpo[2:]] == [c.completion_ids for c in grpo[:2]]
+    assert [c.completion_ids for c in unnamed] != [c.completion_ids for c in grpo]
+    with pytest.raises(RolloutError, match="stream"):
+        RolloutRequest(messages=plain.messages, stream=-1)
+
+
+@pytest.mark.slow
 def test_vllm_seeded_batch_larger_than_the_token_budget(vllm_engine):
     # 48 distinct prompts of ~150 tokens (> the 4,096-token step budget): with chunked prefill on, the CPU engine
     # died rewinding a seeded generator of the prompt cut at the budget.

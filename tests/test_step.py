@@ -41,9 +41,23 @@ def test_groups_follow_the_mix_and_missing_contexts_fall_back_to_plain():
     assert all(sum(c.values()) == 4 for c in by_problem.values())
     assert plan.mix == Counter(plain=10, reflection=1, abstraction=1)
     assert plan.fallbacks == Counter(reflection=2, abstraction=2)
+    # plain rollouts come first in a group (rollout indices 0..), as docs/defaults.md says
+    assert [r.tags["kind"] for r in plan.requests if r.tags["problem_id"] == "p1"] == ["plain", "reflection"]
     reflection = next(r for r in plan.requests if r.tags["kind"] == "reflection")
     assert reflection.messages == [{"role": "user", "content": "reflection for p1"}]
     assert reflection.tags["context_ids"] == ["src-p1"]
+
+
+def test_plain_rollouts_draw_the_same_random_stream_in_lanpo_and_grpo():
+    grpo = build_config({"rollout": {"num_generations": 4},
+                         "lanpo": {"rollout_mix": {"plain": 1.0, "reflection": 0.0, "abstraction": 0.0}}})
+    feedback = FeedbackBatch({("p2", "reflection"): context("p2", "reflection")})
+    problems = [problem(1), problem(2)]
+    lanpo_plan, grpo_plan = plan_requests(problems, feedback, mixed_config()), plan_requests(problems, None, grpo)
+    plain = {r.tags["problem_id"]: r.stream for r in lanpo_plan.requests if r.tags["kind"] == "plain"}
+    assert plain == {r.tags["problem_id"]: r.stream for r in grpo_plan.requests}
+    streams = [r.stream for r in lanpo_plan.requests]
+    assert len(set(streams)) == len(streams)  # every (problem, kind) its own stream
 
 
 def test_a_plain_only_mix_builds_plain_requests_whatever_the_feedback():

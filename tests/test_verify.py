@@ -49,6 +49,48 @@ def test_extract_answer_order(text, extraction, expected):
     assert extract_answer(text, extraction) == expected
 
 
+# (text, answer under the default extractors): trailing punctuation never sticks to the answer, thousands separators
+# inside a number do, and "the answer is" stops at the answer instead of taking the rest of the line.
+@pytest.mark.parametrize("text, expected", [
+    ("So 5 + 4 = 9, which is odd", ("9", "last_number")),
+    ("9, I think", ("9", "last_number")),
+    ("Total 1,234, done", ("1,234", "last_number")),
+    ("The answer is 9, because 5 + 4 = 9.", ("9", "answer_is")),
+    ("The final answer is 3 dollars", ("3", "answer_is")),
+    ("The answer is 1,234, in total", ("1,234", "answer_is")),
+    ("The answer is $12.50 per hour", ("12.50", "answer_is")),
+    ("The answer is $\\frac{1}{2}$ of the cake.", ("\\frac{1}{2}", "answer_is")),
+    ("The answer is \\frac{1}{2}.", ("\\frac{1}{2}", "answer_is")),
+    ("The answer is x^2 + 1 for every x.", ("x^2 + 1", "answer_is")),
+    ("The answer is (1, 2] here", ("(1, 2]", "answer_is")),
+    ("The answer is 2\\sqrt{3}, since", ("2\\sqrt{3}", "answer_is")),
+    ("The answer is (B).", ("(B)", "answer_is")),
+    ("The answer is Evelyn.", ("Evelyn", "answer_is")),  # no math at all: the word, as before
+    ("so it is 3.5.", ("3.5", "last_number")),
+    ("it ends at -2, then stops", ("-2", "last_number")),
+    ("half of it: \\frac{1}{2}.", ("\\frac{1}{2}", "last_number")),
+    ("she earns $12.50 per hour", ("12.50", "last_number")),
+    ("so 1,2,3 and done", ("3", "last_number")),
+    ("3 + 4 = 7\n#### 7.", ("7", "hashes")),
+])
+def test_extraction_stops_at_the_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("response, gold", [
+    ("So 5 + 4 = 9, which is odd", "9"),
+    ("9, I think", "9"),
+    ("Total 1,234, done", "1234"),
+    ("The answer is 9, because 5 + 4 = 9.", "9"),
+    ("The final answer is 3 dollars", "3"),
+    ("The answer is -2, since 3 - 5 = -2", "-2"),
+    ("so it is 3.5.", "3.5"),
+    ("half of it: \\frac{1}{2}.", "0.5"),
+])
+def test_answers_followed_by_punctuation_or_words_score_correct(verifier, response, gold):
+    assert verifier.score(response, gold).status == "correct"
+
+
 def test_unknown_extractor_is_refused():
     with pytest.raises(ValueError, match="unknown"):
         Verifier(["boxed", "magic"])
@@ -73,15 +115,23 @@ def test_unknown_extractor_is_refused():
     ("", "7", "no_answer", 0.0),
     ("\\boxed{7}", "", "gold_unparsable", None),
     ("\\boxed{7}", "@@@", "gold_unparsable", None),
+    ("I cannot solve this", "@@@", "gold_unparsable", None),  # an unusable gold is skipped, whatever the response
+    ("", "@@@", "gold_unparsable", None),
 ])
 def test_statuses(verifier, response, gold, status, reward):
     score = verifier.score(response, gold)
     assert (score.status, score.reward) == (status, reward)
 
 
-def test_unparsable_gold_never_scores_one(verifier):
-    scores = verifier.score_batch([("\\boxed{@@@}", "@@@"), ("@@@", "@@@"), ("\\boxed{}", "\\boxed{}")])
-    assert all(s.reward is None or s.reward == 0 for s in scores)
+def test_an_unusable_gold_never_gives_a_reward(verifier):
+    """A group whose gold answer cannot be parsed is left out of the update: every response, answered or not, is a
+    skip; the same responses against a usable gold keep their rewards."""
+    responses = ["\\boxed{@@@}", "@@@", "I cannot solve this", "", "The answer is 7.", "\\boxed{}"]
+    for gold in ("@@@", "\\boxed{}", "  "):
+        scores = verifier.score_batch((r, gold) for r in responses)
+        assert [(s.reward, s.status) for s in scores] == [(None, "gold_unparsable")] * len(responses), gold
+    mixed = verifier.score_batch([("I cannot solve this", "@@@"), ("I cannot solve this", "7"), ("7", "7")])
+    assert [(s.reward, s.status) for s in mixed] == [(None, "gold_unparsable"), (0.0, "no_answer"), (1.0, "correct")]
 
 
 def test_format_reward_only_for_boxed():

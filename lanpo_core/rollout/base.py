@@ -66,9 +66,15 @@ class RolloutRequest:
     """Completions to sample."""
     tags: dict[str, Any] = field(default_factory=dict)
     """Opaque labels copied to every completion (problem id, rollout kind, ...)."""
+    stream: int | None = None
+    """Names the request's random stream: under the same call seed, requests with the same stream draw the same
+    samples (the first k of n), whatever else is in the call, on backends that seed each request (vLLM; the
+    transformers backend seeds per batch). None: the request's position in the call."""
 
     def __post_init__(self) -> None:
         where = f"request {self.tags or ''}".strip()
+        if self.stream is not None and (not isinstance(self.stream, int) or self.stream < 0):
+            raise RolloutError(f"{where}: stream must be an integer >= 0 or None, got {self.stream!r}")
         if (self.messages is None) == (self.text is None):
             raise RolloutError(f"{where}: give exactly one of `messages` (chat) or `text` (raw prompt)")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
@@ -233,6 +239,13 @@ def render_prompt(tokenizer: Any, request: RolloutRequest, max_prompt_tokens: in
     return RenderedPrompt(ids, refused=True, reason=f"prompt has {len(ids)} tokens > limit {max_prompt_tokens}")
 
 
+def request_seed(sampling: SamplingSpec, request: RolloutRequest, index: int) -> int | None:
+    """A request's own seed: from the call seed and its stream (default: its position in the call)."""
+    if sampling.seed is None:
+        return None
+    return derive_seed(sampling.seed, index if request.stream is None else request.stream)
+
+
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from integers (splitmix64-style), stable across runs and platforms: (run seed, step),
     (call seed, batch) or (call seed, request index) -> an independent seed."""
@@ -346,7 +359,8 @@ class EngineBase:
             rendered.append(rp)
         live = [i for i, rp in enumerate(rendered) if not rp.refused]
         started = time.perf_counter()
-        results = self._generate_rows([(i, rendered[i].ids, requests[i].n) for i in live], sampling) if live else {}
+        rows = [(i, rendered[i].ids, requests[i].n, request_seed(sampling, requests[i], i)) for i in live]
+        results = self._generate_rows(rows, sampling) if live else {}
         elapsed = time.perf_counter() - started
         out: list[Completion] = []
         for i, (r, rp) in enumerate(zip(requests, rendered)):
@@ -395,10 +409,11 @@ class EngineBase:
         self.close()
 
     # -- backend hooks
-    def _generate_rows(self, rows: list[tuple[int, list[int], int]], sampling: SamplingSpec
+    def _generate_rows(self, rows: list[tuple[int, list[int], int, int | None]], sampling: SamplingSpec
                        ) -> dict[tuple[int, int], tuple[list[int], list[float], str, str | None, float]]:
-        """rows: (request index, prompt ids, n) -> {(request index, sample index): (ids, logprobs, finish reason,
-        stop string or None, seconds)}. Ids may run past a stop string; `_finish` cuts them."""
+        """rows: (request index, prompt ids, n, request seed or None) -> {(request index, sample index): (ids,
+        logprobs, finish reason, stop string or None, seconds)}. Ids may run past a stop string; `_finish` cuts
+        them."""
         raise NotImplementedError
 
     def _load_weights(self, items: Iterable[tuple[str, Any]]) -> None:

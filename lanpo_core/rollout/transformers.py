@@ -74,7 +74,7 @@ class TransformersEngine(EngineBase):
         from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                             TopPLogitsWarper)
 
-        flat = [(i, j, ids) for i, ids, n in rows for j in range(n)]
+        flat = [(i, j, ids) for i, ids, n, _ in rows for j in range(n)]
         # similar lengths together: less padding; the order is a pure function of the requests (determinism)
         flat.sort(key=lambda r: (len(r[2]), r[0], r[1]))
         batches = [flat[k: k + self.batch_size] for k in range(0, len(flat), self.batch_size)]

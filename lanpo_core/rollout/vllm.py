@@ -12,8 +12,8 @@ CPU pitfalls handled here:
 Plain (CUDA) `vllm` on a machine without a GPU imports but has no platform: `vllm_status` reports it, and
 `rollout.backend: auto` falls back to transformers.
 
-Sampling: each request gets its own seed derived from (seed, request index), so a request's samples do not depend on
-what else is in the batch (up to batch numerics).
+Sampling: each request gets its own seed (`base.request_seed`: the call seed and the request's stream, by default its
+index), so a request's samples do not depend on what else is in the batch (up to batch numerics).
 
 Weight sync in place: the new weights are written as one safetensors file to a RAM-backed folder (/dev/shm) and the
 worker reloads them through vLLM's own reload path (`collective_rpc("reload_weights", ...)`, which re-processes the
@@ -47,7 +47,7 @@ from typing import Any, Iterable
 
 from ..config import RolloutConfig, VllmConfig
 from ..hardware import resolve_dtype
-from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec, derive_seed
+from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec
 
 log = logging.getLogger(__name__)
 
@@ -370,19 +370,19 @@ class VllmEngine(EngineBase):
     def _generate_rows(self, rows, sampling: SamplingSpec):
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": ids} for _, ids, _ in rows]
+        prompts = [{"prompt_token_ids": ids} for _, ids, _, _ in rows]
         # vLLM refuses n > 1 with greedy decoding; the n greedy samples are identical, so ask for one and copy it
         params = [SamplingParams(
             n=1 if sampling.greedy else n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, logprobs=0,
-            seed=None if sampling.seed is None else derive_seed(sampling.seed, i), skip_special_tokens=True)
-            for i, _, n in rows]
-        total = sum(n for _, _, n in rows)
+            seed=seed, skip_special_tokens=True)  # vLLM seeds sample k of a request with seed + k
+            for _, _, n, seed in rows]
+        total = sum(n for _, _, n, _ in rows)
         started = time.perf_counter()
         outs = self.llm.generate(prompts, params, use_tqdm=self.progress and total > 64)
         secs = time.perf_counter() - started
         results = {}
-        for (i, _, n), out in zip(rows, outs):
+        for (i, _, n, _), out in zip(rows, outs):
             samples = sorted(out.outputs, key=lambda c: c.index)
             if sampling.greedy:
                 samples = samples * n

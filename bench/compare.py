@@ -228,13 +228,14 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
         "",
         "## Final held-out accuracy (%, mean ± std over seeds)",
         "",
-        "| method | seeds | " + " | ".join(EVAL_KEYS.values()) + " | rollouts | generated tokens | wall time (s) |",
-        "|---|---|" + "---|" * (len(EVAL_KEYS) + 3),
+        "| method | seeds | " + " | ".join(EVAL_KEYS.values())
+        + " | rollouts | generated tokens | prompt tokens | wall time (s) |",
+        "|---|---|" + "---|" * (len(EVAL_KEYS) + 4),
     ]
     if base:
         row = [fmt([b[f"eval/{BENCH}/{k}"] for b in base.values() if f"eval/{BENCH}/{k}" in b]) for k in EVAL_KEYS]
         row[2] = "n/a (empty pool)"
-        lines.append(f"| base model (step 0) | {len(base)} | " + " | ".join(row) + " | 0 | 0 | |")
+        lines.append(f"| base model (step 0) | {len(base)} | " + " | ".join(row) + " | 0 | 0 | 0 | |")
     summary: dict[str, dict] = {}
     for v in VARIANTS:
         hs = [runs[(v, s)] for s in seeds[v]]
@@ -243,16 +244,20 @@ def report(out: Path, path: Path, plot_path: Path) -> str:
         accs = {k: [final(h, f"eval/{BENCH}/{k}") for h in hs] for k in EVAL_KEYS}
         accs = {k: [x for x in xs if x is not None] for k, xs in accs.items()}
         tokens = [sum(t for _, t in tokens_per_step(h)) for h in hs]
+        prompt_tokens = [sum(x for key in ("rollout/prompt_tokens", "feedback/abstractor_prompt_tokens")
+                             for _, x in h.get(key, [])) for h in hs]
         rollouts = [sum(sum(x for _, x in h.get(f"mix/{k}", [])) for k in ("plain", "reflection", "abstraction"))
                     for h in hs]
         summary[v] = {"accs": accs, "tokens": tokens,
                       "by_seed": {s: final(runs[(v, s)], f"eval/{BENCH}/greedy") for s in seeds[v]}}
         wall = [walls[(v, s)] for s in seeds[v]]
         lines.append(f"| {v} | {len(hs)} | " + " | ".join(fmt(accs[k]) for k in EVAL_KEYS)
-                     + f" | {statistics.fmean(rollouts):.0f} | {statistics.fmean(tokens):,.0f} | "
+                     + f" | {statistics.fmean(rollouts):.0f} | {statistics.fmean(tokens):,.0f}"
+                     + f" | {statistics.fmean(prompt_tokens):,.0f} | "
                      + f"{statistics.fmean(wall):.0f} ({', '.join(f'{w:.0f}' for w in wall)}) |")
     lines += ["", "Rollouts = problems x G over all steps (equal by construction). Generated tokens = rollout "
-              "completions plus the abstractor's lessons. Wall time: mean (each seed); a run that shared the two cores "
+              "completions plus the abstractor's lessons; prompt tokens = what the rollouts and the abstractor read (contexts "
+              "make LANPO's prompts longer). Wall time: mean (each seed); a run that shared the two cores "
               "with other work is slower, so compare stage times, not wall times, across runs. Ablations ran with "
               "one seed; compare them with the same seed of `lanpo` (first seed), not with the mean.", ""]
 

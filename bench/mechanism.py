@@ -82,10 +82,10 @@ def mean_reward(rows: list[dict]) -> float:
 def run(stated: int, targets: int, g: int, seed: int, config: str,
         abstractors: tuple[str, ...] = ("extractive", "policy")) -> dict:
     from lanpo_core.config import load_config
-    from lanpo_core.feedback import FeedbackBuilder, solve_messages
+    from lanpo_core.feedback import FeedbackBuilder, engine_abstractor, solve_messages
     from lanpo_core.models import load_embedder
     from lanpo_core.pool import ExperiencePool, RolloutRecord
-    from lanpo_core.rollout import RolloutRequest, SamplingSpec, make_engine
+    from lanpo_core.rollout import SamplingSpec, make_engine
     from lanpo_core.verify import Verifier, answer_in_text
 
     cfg = load_config(config, [f"seed={seed}"])
@@ -109,11 +109,7 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
         plain = rollouts(engine, unknown, lambda p: solve_messages(p.question, cfg.prompts), g, sampling, verifier)
         timings["pool_and_plain_seconds"] = time.perf_counter() - started
 
-        def policy_abstractor(conversations):
-            lesson_sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0,
-                                                       max_new_tokens=cfg.lanpo.abstraction.max_new_tokens)
-            return [c.text for c in engine.generate([RolloutRequest(messages=m, n=1) for m in conversations],
-                                                    lesson_sampling)]
+        policy_abstractor = engine_abstractor(engine, cfg, seed)  # the training step's abstractor, seeded by `seed`
 
         results = []
         for name in abstractors:
@@ -124,7 +120,9 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
                                       extraction=cfg.verify.extraction, seed=seed)
             batch = builder.abstraction(unknown, step=None)
             contexts = {p.id: batch.get(p.id, "abstraction") for p in unknown}
-            leaks = sum(answer_in_text(c.context_text, p.answer) for p in unknown if (c := contexts[p.id]))
+            # independent recheck of what the guard passed: the gold in any audited part (the lessons)
+            leaks = sum(any(answer_in_text(p.answer, part) for part in c.audited)
+                        for p in unknown if (c := contexts[p.id]))
             rows = rollouts(engine, unknown, lambda p: contexts[p.id].messages if contexts[p.id] else None, g,
                             sampling, verifier)
             with_context = {pid for pid, c in contexts.items() if c}

@@ -439,19 +439,21 @@ def feedback_kinds(cfg: RunConfig) -> list[str]:
 
 class EngineAbstractor:
     """An `Abstractor` on a rollout engine: one request per conversation, greedy (the model's best summary, and
-    deterministic), seeded by the step, `abstraction.max_new_tokens` long. `tokens` counts what it generated
-    (part of what LANPO costs over GRPO)."""
+    deterministic), seeded by the step, `abstraction.max_new_tokens` long. `tokens` and `prompt_tokens` count
+    what it generated and read (part of what LANPO costs over GRPO)."""
 
     def __init__(self, engine: Any, cfg: RunConfig, step: int) -> None:
         self.engine = engine
         self.sampling = SamplingSpec.from_config(cfg, seed=step, temperature=0.0,
                                                  max_new_tokens=cfg.lanpo.abstraction.max_new_tokens)
         self.tokens = 0
+        self.prompt_tokens = 0
 
     def __call__(self, conversations: list[Messages]) -> list[str]:
         requests = [RolloutRequest(messages=m, n=1) for m in conversations]
         completions = self.engine.generate(requests, self.sampling)
         self.tokens += sum(len(c.completion_ids) for c in completions)
+        self.prompt_tokens += sum(len(c.prompt_ids) for c in completions)
         return [c.text for c in completions]
 
 

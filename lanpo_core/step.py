@@ -248,6 +248,7 @@ def build_feedback(rt: Runtime, problems: Sequence[Any], step: int, policy: Poli
         batch.update(builder.build(problems, step, [kind], policy_version=policy.step))
         metrics[f"time/{kind}_seconds"] = time.perf_counter() - started
     metrics["feedback/abstractor_tokens"] = float(abstractor.tokens if abstractor else 0)
+    metrics["feedback/abstractor_prompt_tokens"] = float(abstractor.prompt_tokens if abstractor else 0)
     return batch, {**batch.metrics(), **metrics}
 
 

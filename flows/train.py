@@ -230,9 +230,10 @@ class _Stages:
             hook(StageEvent(name, self.step, False, self.reward, self.accuracy))
         task = self.tasks[name]
         if stage is update_policy and not self._checkpoint_on_disk(self.step):
-            # The checkpoint is written in the background after the task has returned (and its result was cached):
-            # a run killed during that write has the update cached but not its checkpoint, so the update runs again
-            # (from the previous checkpoint, to the same weights). Older checkpoints may be pruned, never missing.
+            # With `grpo.checkpoint_background` the checkpoint is written after the task has returned (and its result
+            # was cached): a run killed during that write has the update cached but not its checkpoint, so the update
+            # runs again (from the previous checkpoint, to the same weights). Older checkpoints may be pruned, never
+            # missing.
             task = task.with_options(refresh_cache=True)
         result = task(self.run, *args, self.mlflow_run_id)
         if stage is score:

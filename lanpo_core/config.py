@@ -343,6 +343,10 @@ class GrpoConfig(_Section):
     """Trade compute for memory (TRL default is on; off is faster for small models)."""
     checkpoint_keep_last: int = Field(2, ge=1)
     """Checkpoints kept on disk."""
+    checkpoint_background: bool = False
+    """Write each step's checkpoint in a thread while the next stages run. Off by default: on a 2-core CPU the write
+    competes with those stages and the run got slower (docs/defaults.md); with cores to spare it takes the write off
+    the critical path. Resume stays exact either way (a checkpoint a kill cut short is written again)."""
     logprob_temperature: float = Field(1.0, gt=0.0)
     """Temperature the trainer scores tokens at (TRL `temperature`); rollout `sampling_logprobs` must match (1.0 = raw)."""
 

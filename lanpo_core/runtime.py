@@ -149,16 +149,16 @@ class Runtime:
             self.policy = ref
 
     def apply_update(self, samples: Sequence[Any]) -> tuple[PolicyRef, dict[str, float]]:
-        """One update of the in-memory policy on `samples`; its checkpoint is written in the background (the next
-        stages run meanwhile; the next update, a checkpoint load and `close` wait for it). Returns the new policy and
-        the update's metrics, with `time/update_seconds` and `time/sync_seconds` (checkpoint snapshot + engine sync).
-        """
+        """One update of the in-memory policy on `samples`, its checkpoint, and the engine sync. With
+        `grpo.checkpoint_background` the checkpoint is written while the next stages run (the next save, a
+        checkpoint load and `close` wait for it). Returns the new policy and the update's metrics, with
+        `time/update_seconds` and `time/sync_seconds` (checkpoint write or snapshot, plus engine sync)."""
         updater = self.updater
         with self.lock:
             started = time.perf_counter()
             metrics = updater.step(samples)
             updated = time.perf_counter()
-            info = updater.save_checkpoint(background=True)
+            info = updater.save_checkpoint(background=self.cfg.grpo.checkpoint_background)
             self.policy = PolicyRef(info.step, info.checksum, str(info.path))
             self._sync_engine()
             metrics = {f"update/{k}": v for k, v in metrics.items()}

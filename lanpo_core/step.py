@@ -287,7 +287,7 @@ def write_pool(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout]
 def update(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], policy: PolicyRef
            ) -> tuple[PolicyRef, Metrics]:
     """One GRPO update of `policy` on the step's rollouts (reward only: no text of the feedback reaches the loss
-    except through the responses themselves); returns the new policy, whose checkpoint is being written."""
+    except through the responses themselves); returns the new policy and writes its checkpoint."""
     rt.ensure_policy(policy)
     samples, unusable = training_samples(rollouts, plain_prompt_ids(problems, rt.tokenizer, rt.cfg), rt.cfg)
     new, metrics = rt.apply_update(samples)

@@ -578,23 +578,24 @@ class PolicyUpdater:
     def _unwrapped(self):
         return self.trainer.accelerator.unwrap_model(self.model)
 
-    def _weights_snapshot(self, model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _weights_snapshot(self, model, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(state dict for `save_pretrained(state_dict=...)`, the tensors it writes, under their file names), with
-        every tensor that training changes copied."""
+        every tensor that training changes copied when `copy` (else the live tensors)."""
+        copy_tensor_ = copy_tensor if copy else (lambda t: t)
         live = model.state_dict()
         if self.is_lora:
             from peft import get_peft_model_state_dict
 
             # the base weights are frozen, so only the trainable tensors (the adapter) need a copy
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            sd = {k: copy_tensor(v) if k in trainable else v for k, v in live.items()}
+            sd = {k: copy_tensor_(v) if k in trainable else v for k, v in live.items()}
             # the same selection and renaming PeftModel.save_pretrained applies to the state dict it is given
             return sd, get_peft_model_state_dict(model, state_dict=sd, adapter_name=model.active_adapter)
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         # tied aliases (lm_head = embedding) go before copying, as save_pretrained drops them, so each is copied once
-        sd = {k: copy_tensor(v) for k, v in remove_tied_weights_from_state_dict(dict(live), model).items()}
+        sd = {k: copy_tensor_(v) for k, v in remove_tied_weights_from_state_dict(dict(live), model).items()}
         return sd, revert_weight_conversion(model, dict(sd))
 
     @staticmethod
@@ -624,16 +625,18 @@ class PolicyUpdater:
     def save_checkpoint(self, background: bool = False) -> CheckpointInfo:
         """Write `<run_dir>/checkpoints/step-<step_count>` atomically; keep the last `grpo.checkpoint_keep_last`.
 
-        Everything the checkpoint holds (weights or adapter, optimiser and scheduler state, RNG states, counters) is
-        copied and its checksum computed before this returns, so the caller may change the weights at once. With
-        `background=True` the files are written in a thread: the returned info (final path, checksum) is valid, but
-        the folder exists only after `wait_checkpoint()`. Waits for (and re-raises the error of) a pending write."""
+        With `background=True` everything the checkpoint holds (weights or adapter, optimiser and scheduler state, RNG
+        states, counters) is copied and its checksum computed before this returns, so the caller may change the
+        weights at once, and the files are written in a thread: the returned info (final path, checksum) is valid,
+        but the folder exists only after `wait_checkpoint()`. In the foreground the live tensors are written, without
+        copies. Waits for (and re-raises the error of) a pending write."""
         self.wait_checkpoint()
         model = self._unwrapped()
-        weights, written = self._weights_snapshot(model)
+        weights, written = self._weights_snapshot(model, copy=background)
         checksum = tensors_checksum(written)
         del written
-        optimizer_state = self._copy_state(self.optimizer.state_dict())  # it holds the live moment tensors
+        # the optimiser's state dict holds the live moment tensors
+        optimizer_state = self._copy_state(self.optimizer.state_dict()) if background else self.optimizer.state_dict()
         scheduler_state = self._copy_state(self.lr_scheduler.state_dict())
         rng = capture_rng_state()
         tokenizer_files = self._tokenizer_snapshot()

@@ -85,7 +85,7 @@ def write_pool(run: RunHandle, step: int, problems: list, rollouts: list[Rollout
 @task(name="update-policy", cache_policy=STAGE_CACHE, persist_result=True)
 def update_policy(run: RunHandle, step: int, problems: list, policy: PolicyRef, rollouts: list[Rollout],
                   mlflow_run_id: str | None = None) -> PolicyRef:
-    """One GRPO update on the step's rollouts; its checkpoint is written while the next stages run."""
+    """One GRPO update on the step's rollouts; writes its checkpoint and syncs the rollout engine."""
     new, metrics = core.update(runtime(run), problems, rollouts, policy)
     _log(mlflow_run_id, metrics, step)
     return new

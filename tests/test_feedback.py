@@ -369,13 +369,18 @@ def test_abstraction_builds_lessons_into_the_batch_not_the_pool(abstraction_setu
     assert pool.get_lessons(ctx.source_ids) is None
 
 
-def test_lesson_sets_written_with_the_step_are_found_by_a_new_pool(abstraction_setup, embedder):
+def _abstraction_at_step_1(abstraction_setup, abstractor):
+    """(pool, lanpo config, the 8 target problems, their step-1 abstraction batch)."""
     pool, problems = abstraction_setup
     lanpo = LanpoConfig()
     lanpo.abstraction.min_similarity = 0.5
     targets = problems[:8]
-    batch = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor(LESSONS_TEXT)).build(targets, step=1,
-                                                                                          kinds=["abstraction"])
+    batch = FeedbackBuilder(pool, lanpo, abstractor=abstractor).build(targets, step=1, kinds=["abstraction"])
+    return pool, lanpo, targets, batch
+
+
+def test_lesson_sets_written_with_the_step_are_found_by_a_new_pool(abstraction_setup, embedder):
+    pool, _, targets, batch = _abstraction_at_step_1(abstraction_setup, FakeAbstractor(LESSONS_TEXT))
     contexts = [c for c in batch.contexts.values() if c.kind == "abstraction"]
     assert contexts
     before = pool.version
@@ -399,12 +404,7 @@ def test_lesson_sets_written_with_the_step_are_found_by_a_new_pool(abstraction_s
 
 
 def test_builder_reuses_stored_lessons_without_asking_the_abstractor(abstraction_setup, embedder):
-    pool, problems = abstraction_setup
-    lanpo = LanpoConfig()
-    lanpo.abstraction.min_similarity = 0.5
-    targets = problems[:8]
-    first = FeedbackBuilder(pool, lanpo, abstractor=FakeAbstractor(LESSONS_TEXT)).build(targets, step=1,
-                                                                                         kinds=["abstraction"])
+    pool, lanpo, targets, first = _abstraction_at_step_1(abstraction_setup, FakeAbstractor(LESSONS_TEXT))
     pool.write_step(1, [], lessons=first.lesson_sets())
     reopened = ExperiencePool(pool.uri, "run1", embedder=embedder)
     fresh = FakeAbstractor("- unused")
@@ -564,7 +564,8 @@ class RecordingEngine:
         from types import SimpleNamespace
 
         self.calls.append((requests, sampling))
-        return [SimpleNamespace(text=f"- lesson {i}", completion_ids=[1] * (i + 2)) for i in range(len(requests))]
+        return [SimpleNamespace(text=f"- lesson {i}", completion_ids=[1] * (i + 2), prompt_ids=[7] * 10)
+                for i in range(len(requests))]
 
 
 def test_engine_abstractor_asks_greedily_once_per_conversation():
@@ -581,6 +582,7 @@ def test_engine_abstractor_asks_greedily_once_per_conversation():
     assert (sampling.temperature, sampling.seed, sampling.max_new_tokens) == (0.0, 5, 77)
     assert (sampling.top_p, sampling.top_k) == (cfg.rollout.top_p, cfg.rollout.top_k)
     assert abstractor.tokens == 2 + 3 + 2, "a running count over calls"
+    assert abstractor.prompt_tokens == 3 * 10, "what it read counts too"
 
 
 @pytest.mark.parametrize("mix,group,kinds", [

@@ -202,20 +202,14 @@ def _stop_processes(procs: list[Any], timeout: float = 10.0) -> list[int]:
     """Wait for, then terminate, then kill the given psutil processes; reap our own children. Returns survivors."""
     import psutil
 
-    live = [p for p in procs if p.is_running()]
-    gone, alive = psutil.wait_procs(live, timeout=timeout / 2)
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    gone, alive = psutil.wait_procs(alive, timeout=timeout / 4)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    gone, alive = psutil.wait_procs(alive, timeout=timeout / 4)
+    _, alive = psutil.wait_procs([p for p in procs if p.is_running()], timeout=timeout / 2)
+    for stop in ("terminate", "kill"):
+        for p in alive:
+            try:
+                getattr(p, stop)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=timeout / 4)
     multiprocessing.active_children()  # joins (reaps) finished multiprocessing children
     for p in procs:  # any remaining zombie that is our direct child
         try:

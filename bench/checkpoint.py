@@ -115,7 +115,7 @@ def main() -> None:
     for _ in range(a.repeats):
         # snapshot parts, as save_checkpoint runs them
         inner = up._unwrapped()
-        t, (weights, written) = timed(lambda: up._weights_snapshot(inner))
+        t, (weights, written) = timed(lambda: up._weights_snapshot(inner, copy=True))
         record("snapshot: copy weights", t)
         t, state = timed(lambda: up.optimizer.state_dict())
         record("snapshot: optimizer.state_dict()", t)

@@ -118,11 +118,12 @@ def main() -> None:
         load_before = load_average()
         started = time.perf_counter()
         with open(log_path, "w") as console:
-            done = subprocess.run(cmd, cwd=work, env=env, stdout=console, stderr=subprocess.STDOUT)
+            job = subprocess.Popen(cmd, cwd=work, env=env, stdout=console, stderr=subprocess.STDOUT)
+            peak_rss = peak_tree_rss(job)
         wall = time.perf_counter() - started
         load_after = load_average()
-        if done.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{log_path.read_text()[-4000:]}")
+        if job.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({job.returncode}):\n{log_path.read_text()[-4000:]}")
         stages, tokens, params = stage_times(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
 
     from lanpo_core.config import load_config
@@ -148,6 +149,7 @@ def main() -> None:
     print(f"update: {update_s:.1f} s for {sum(tokens.values()):.0f} trained tokens = {flops / 1e12:.2f} TFLOP; at "
           f"{probe['fp32_gflops']:.1f} GFLOP/s fp32 that is {ideal_s:.1f} s: ratio {ratio:.2f} "
           f"(goal <= {GOAL_UPDATE_RATIO})")
+    print(f"peak memory (resident, the job's processes together): {peak_rss / 2**30:.2f} GiB")
     print(f"load average {load_before:.2f} before, {load_after:.2f} after; precision params: "
           + ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k.startswith("precision/")))
 
@@ -159,12 +161,33 @@ def main() -> None:
               "matmul_params": n_params, "update_flops": flops, "update_ideal_seconds": round(ideal_s, 2),
               "update_over_flop_estimate": round(ratio, 3), "goal_update_ratio": GOAL_UPDATE_RATIO,
               "load_average_before": load_before, "load_average_after": load_after,
+              "peak_rss_gib": round(peak_rss / 2**30, 2),
               "precision": {k: v for k, v in params.items() if k.startswith(("precision/", "hardware/"))}}
     out = Path(args.out) if args.out else REPO / "bench" / "results" / (
         "main_job-avx2.json" if args.emulate_avx2 else "main_job.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def peak_tree_rss(job: subprocess.Popen, every: float = 0.5) -> int:
+    """Wait for `job`; the largest resident memory of it and its descendants together, sampled every `every` s."""
+    import psutil
+
+    root, peak = psutil.Process(job.pid), 0
+    while job.poll() is None:
+        total = 0
+        try:
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(every)
+    return peak
 
 
 if __name__ == "__main__":

@@ -272,6 +272,9 @@ class OffPolicyConfig(_Section):
     """Truncation of the per-sequence importance ratio."""
     negative_advantage: Literal["drop", "keep"] = "drop"
     """`drop` zeroes the weight of context-sampled responses with negative advantage."""
+    min_context_mass_frac: float = Field(0.1, ge=0.0)
+    """Warn (one log line per step) when the context kinds' weight mass sum |A w| is below this fraction of the plain
+    kind's: the context rollouts then barely move the update. 0 disables the warning; it never changes training."""
 
 
 class LanpoConfig(_Section):
@@ -285,6 +288,13 @@ class LanpoConfig(_Section):
     """Prompt that context-sampled responses are trained under (`context` is the ablation)."""
     offpolicy: OffPolicyConfig = Field(default_factory=OffPolicyConfig)
     """Off-policy correction for `train_prompt: plain`."""
+    baseline: Literal["group", "plain_only"] = "group"
+    """Whose rewards set a group's advantage baseline (mean and std): `group`, all its rollouts; `plain_only`, its
+    plain-sampled rollouts only (the whole group where it has fewer than two, or their std is 0 under
+    `grpo.scale_rewards: group`), so context rollouts do not shift the plain ones' advantages."""
+    context_in_update: bool = True
+    """False leaves context-conditioned rollouts out of the update (no gradient, no share of the baseline, not in the
+    loss normaliser); they are still generated, scored and pooled."""
     leakage_guard: bool = True
     """Audit every context for the gold answer and reward markers before use (METHOD.md step 5)."""
 

@@ -30,25 +30,63 @@ def group_advantages(rewards: torch.Tensor, groups: list[list[int]], scale_rewar
     s = std_g r (Bessel-corrected, as TRL) for `scale_rewards: group`, std r over the whole batch for `batch`, and
     no division for `none` (Dr. GRPO). A group with fewer than two members or with std_g r == 0 has A = 0 and is
     flagged. Returns (A, zero-variance flag per group)."""
+    advantages, zero_variance, _ = baseline_advantages(rewards, groups, groups, scale_rewards)
+    return advantages, zero_variance
+
+
+def plain_baseline_members(groups: list[list[int]], is_plain: Sequence[bool]) -> list[list[int]]:
+    """Per group, the members whose rewards form the baseline under `lanpo.baseline: plain_only`: its plain
+    rollouts (`baseline_advantages` falls back to the whole group where they cannot carry a baseline)."""
+    return [[i for i in members if is_plain[i]] for members in groups]
+
+
+def baseline_advantages(rewards: torch.Tensor, groups: list[list[int]], baseline_members: list[list[int]],
+                        scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A_i = (r_i - mean_b r) / (s + eps) for every member i of group g, the baseline b = `baseline_members[g]`
+    (a subset of g; b = g is `group_advantages`).
+
+    s = std_b r (Bessel-corrected) for `scale_rewards: group`, std r over the batch for `batch`, none for `none`.
+    A group whose own rewards are all equal (or a singleton) has A = 0 and is flagged zero-variance, whatever b. b
+    falls back to the whole group g, flagged, when it has fewer than two members, or when std_b r == 0 under
+    `group` (dividing by eps alone would blow the advantages up by 1e4). Returns (A, zero-variance flag per group,
+    fallback flag per group)."""
+    if len(baseline_members) != len(groups):
+        raise ValueError(f"baseline_members: expected one list per group ({len(groups)}), got {len(baseline_members)}")
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"grpo.scale_rewards: expected group, batch or none, got {scale_rewards!r}")
     advantages = torch.zeros_like(rewards)
     batch_std = rewards.std() if rewards.numel() > 1 else rewards.new_tensor(0.0)
-    zero_variance = []
-    for members in groups:
+    zero_variance, fallback = [], []
+    for members, base in zip(groups, baseline_members):
+        if not set(base) <= set(members):
+            raise ValueError(f"baseline_members: {base} is not a subset of its group {members}")
         r = rewards[members]
         std = r.std() if len(members) > 1 else r.new_tensor(0.0)  # a singleton has no baseline (TRL: A = 0)
         flat = len(members) < 2 or bool(torch.isclose(std, torch.zeros_like(std)))
         zero_variance.append(flat)
+        fell_back = False
+        if len(base) != len(members):
+            rb = rewards[base]
+            base_std = rb.std() if len(base) > 1 else rb.new_tensor(0.0)
+            flat_base = bool(torch.isclose(base_std, torch.zeros_like(base_std)))
+            unusable = len(base) < 2 or (scale_rewards == "group" and flat_base)
+            fell_back = not flat and unusable
+            if not unusable:
+                mean, std = rb.mean(), base_std
+            else:
+                mean = r.mean()
+        else:
+            mean = r.mean()
+        fallback.append(fell_back)
         if flat:
             continue
-        centred = r - r.mean()
+        centred = r - mean
         if scale_rewards == "group":
             centred = centred / (std + ADV_EPS)
         elif scale_rewards == "batch":
             centred = centred / (batch_std + ADV_EPS)
-        elif scale_rewards != "none":
-            raise ValueError(f"grpo.scale_rewards: expected group, batch or none, got {scale_rewards!r}")
         advantages[members] = centred
-    return advantages, torch.tensor(zero_variance, dtype=torch.bool)
+    return advantages, torch.tensor(zero_variance, dtype=torch.bool), torch.tensor(fallback, dtype=torch.bool)
 
 
 def dropped_negatives(advantages: torch.Tensor, off_policy: torch.Tensor, rule: str) -> torch.Tensor:
@@ -91,3 +129,23 @@ def has_signal(advantages: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     """w_i * A_i != 0 can hold (A_i != 0 and not dropped). Without a KL term a sequence without signal has exactly
     zero loss and gradient, so it need not be run (it still counts in TRL's normaliser)."""
     return (advantages != 0) & ~dropped
+
+
+
+def effective_sample_size_frac(weights: torch.Tensor) -> float:
+    """ESS / n = (sum_i w_i)^2 / (n * sum_i w_i^2) over n sequences: 1 when all weights are equal, 1/n when one
+    sequence carries all the weight. 1.0 for n == 0 (nothing to measure); 0.0 when every w_i == 0 (no sequence
+    carries weight, e.g. all dropped negatives)."""
+    n = weights.numel()
+    if n == 0:
+        return 1.0
+    w = weights.double()
+    squares = float((w * w).sum())
+    if squares == 0.0:
+        return 0.0
+    return float(w.sum()) ** 2 / (n * squares)
+
+
+def weight_mass(advantages: torch.Tensor, weights: torch.Tensor) -> float:
+    """sum_i |A_i * w_i|: how much the sequences move the loss (the advantages TRL receives, in absolute value)."""
+    return float((advantages.double() * weights.double()).abs().sum())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,8 @@ from .rollout import Completion, RolloutRequest, SamplingSpec, render_prompt
 from .runtime import PolicyRef, Runtime, load_train_problems
 from .update import RolloutSample, training_prompt_ids
 from .verify import Verifier
+
+log = logging.getLogger(__name__)
 
 KINDS = ("plain", "reflection", "abstraction")
 
@@ -290,6 +293,9 @@ def update(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], po
     except through the responses themselves); returns the new policy and writes its checkpoint."""
     rt.ensure_policy(policy)
     samples, unusable = training_samples(rollouts, plain_prompt_ids(problems, rt.tokenizer, rt.cfg), rt.cfg)
+    if not samples:
+        log.warning("step %d: no usable rollout (every group unusable or refused); the update is skipped",
+                    policy.step + 1)
     new, metrics = rt.apply_update(samples)
     return new, {**metrics, "update/unusable_groups": float(unusable)}
 

@@ -10,6 +10,7 @@ with `config.seed` (TRL's trainer does it).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 import warnings
@@ -38,8 +39,10 @@ from .checkpoint import (
 from .config import RunConfig
 from .hardware import resolve_bf16
 from .logprobs import completion_logps
-from .loss import (dropped_negatives, group_advantages, group_members, has_signal, needs_sampling_logps,
-                   offpolicy_weight, sequence_log_ratio)
+from .loss import (baseline_advantages, dropped_negatives, effective_sample_size_frac, group_members, has_signal,
+                   needs_sampling_logps, offpolicy_weight, plain_baseline_members, sequence_log_ratio, weight_mass)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,6 +192,8 @@ class _OffPolicyRows:
 
     rows: torch.Tensor
     """(B,) bool: the rows that get a weight."""
+    index: list[int]
+    """Per row, the index of its sample among the step's update samples (the weights are reported per kind)."""
     sampling_logps: torch.Tensor
     """(B, C) log mu per completion token; NaN where unknown, and on padding and rows without a weight."""
     mask: torch.Tensor
@@ -212,9 +217,25 @@ class _Prepared:
     n_samples: int
     micro_batches: list[_MicroBatch]
     metrics: dict[str, float]
-    log_ratios: list[float]
-    """Per weighted off-policy sequence: log pi_old(y|q_train) - log mu(y|q_sample), filled in the training forward
-    when the weight is computed there."""
+    log_ratios: dict[int, float]
+    """Per weighted off-policy sequence (by update-sample index): log pi_old(y|q_train) - log mu(y|q_sample), filled
+    in the training forward when the weight is computed there."""
+    is_weights: dict[int, float]
+    """The importance weight w applied to those sequences, filled with `log_ratios`."""
+    kinds: list[str]
+    """Per update sample, its kind (for the per-kind metrics)."""
+    advantages: torch.Tensor
+    """(N,) raw advantages A, before any weight."""
+    dropped: torch.Tensor
+    """(N,) bool: dropped negatives (w = 0)."""
+
+    def final_weights(self) -> torch.Tensor:
+        """(N,) the w that multiplies each advantage: 0 for a dropped negative, the importance weight where one was
+        applied, else 1. Complete only after the first pass when the weights come from the training forward."""
+        w = (~self.dropped).double()
+        for i, value in self.is_weights.items():
+            w[i] = value
+        return w
 
 
 class PolicyUpdater:
@@ -398,8 +419,15 @@ class PolicyUpdater:
         grpo, lanpo = self.config.grpo, self.config.lanpo
         correction = lanpo.offpolicy.correction
         n = len(samples)
-        if n == 0:
-            raise ValueError("step() needs at least one rollout")
+        scored, left_out = samples, 0
+        if not lanpo.context_in_update:  # not update samples at all: dropped before advantages and normaliser
+            kept = [s for s in samples if not s.context_conditioned]
+            left_out, samples = n - len(kept), kept
+            n = len(samples)
+        if n == 0:  # every group unusable or refused: nothing to train, the step still counts (like zero variance)
+            return _Prepared(0, [], {"samples/total": 0.0, "samples/trained": 0.0, "tokens/total": 0.0,
+                                     "samples/context_left_out": float(left_out)}, {}, {}, [],
+                             torch.zeros(0), torch.zeros(0, dtype=torch.bool))
         for i, s in enumerate(samples):
             if not s.completion_ids:
                 raise ValueError(f"sample {i} (group {s.group_id}) has an empty completion")
@@ -410,7 +438,13 @@ class PolicyUpdater:
             raise ValueError("rewards must be finite (an unscorable rollout should not reach the update)")
 
         groups = group_members([s.group_id for s in samples])
-        advantages, zero_variance = group_advantages(rewards, groups, grpo.scale_rewards)
+        if lanpo.baseline == "plain_only":
+            baselines = plain_baseline_members(groups, [not s.context_conditioned for s in samples])
+        elif lanpo.baseline == "group":
+            baselines = groups
+        else:
+            raise ValueError(f"lanpo.baseline: expected group or plain_only, got {lanpo.baseline!r}")
+        advantages, zero_variance, fallback = baseline_advantages(rewards, groups, baselines, grpo.scale_rewards)
         off_policy = torch.tensor([s.context_conditioned and lanpo.train_prompt == "plain" for s in samples],
                                   dtype=torch.bool)
         dropped = dropped_negatives(advantages, off_policy, lanpo.offpolicy.negative_advantage)
@@ -432,7 +466,8 @@ class PolicyUpdater:
         total_tokens = sum(len(s.completion_ids) for s in samples)
         steps_per_generation = self.trainer.args.steps_per_generation
         weight_in_forward = grpo.num_iterations == 1
-        log_ratios: list[float] = []
+        log_ratios: dict[int, float] = {}
+        is_weights: dict[int, float] = {}
         micro_batches = []
         for rows in chunks:
             batch = self._pad([samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows])
@@ -452,14 +487,17 @@ class PolicyUpdater:
                 inputs["old_per_token_logps"] = self._token_logps(self.model, batch)
                 if offpolicy_rows is not None:
                     self._apply_offpolicy_weights(inputs["advantages"], inputs["old_per_token_logps"],
-                                                  offpolicy_rows, log_ratios)
+                                                  offpolicy_rows, log_ratios, is_weights)
                     offpolicy_rows = None
             micro_batches.append(_MicroBatch(inputs, accumulation_steps, int(batch["completion_mask"].sum()),
                                              offpolicy_rows))
 
-        metrics = self._batch_metrics(samples, advantages, groups, zero_variance, off_policy, dropped, nan_tokens,
-                                      trained_idx, total_tokens)
-        return _Prepared(n, micro_batches, metrics, log_ratios)
+        metrics = self._batch_metrics(scored, samples, advantages, groups, zero_variance, off_policy, dropped,
+                                      nan_tokens, trained_idx, total_tokens)
+        metrics["baseline_fallback_groups"] = float(fallback.sum())
+        metrics["samples/context_left_out"] = float(left_out)
+        return _Prepared(n, micro_batches, metrics, log_ratios, is_weights, [s.kind for s in samples], advantages,
+                         dropped)
 
     def _offpolicy_rows(self, rows: list[int], corrected: torch.Tensor, sampling_logps: dict[int, torch.Tensor],
                         batch: dict[str, torch.Tensor]) -> _OffPolicyRows | None:
@@ -471,18 +509,21 @@ class PolicyUpdater:
         for row, i in enumerate(rows):
             if i in sampling_logps:
                 padded[row, : len(sampling_logps[i])] = sampling_logps[i]
-        return _OffPolicyRows(selected.to(self.device), padded.to(self.device), batch["completion_mask"])
+        return _OffPolicyRows(selected.to(self.device), list(rows), padded.to(self.device), batch["completion_mask"])
 
     def _apply_offpolicy_weights(self, advantages: torch.Tensor, train_logps: torch.Tensor, offpolicy: _OffPolicyRows,
-                                 log_ratios: list[float]) -> None:
+                                 log_ratios: dict[int, float], is_weights: dict[int, float]) -> None:
         """advantages *= w on the off-policy rows, w = loss.offpolicy_weight of their sequence log-ratio, with
-        log pi_old = `train_logps` (the training forward's own detached log-probs when num_iterations == 1)."""
+        log pi_old = `train_logps` (the training forward's own detached log-probs when num_iterations == 1).
+        Records each row's log-ratio and w under its sample index."""
         setting = self.config.lanpo.offpolicy
         with torch.no_grad():
             log_ratio = sequence_log_ratio(train_logps.detach(), offpolicy.sampling_logps, offpolicy.mask)
             weight = offpolicy_weight(setting.correction, log_ratio, setting.max_ratio)
             advantages.mul_(torch.where(offpolicy.rows, weight, torch.ones_like(weight)))
-            log_ratios.extend(log_ratio[offpolicy.rows].tolist())
+            for row in offpolicy.rows.nonzero()[:, 0].tolist():
+                log_ratios[offpolicy.index[row]] = float(log_ratio[row])
+                is_weights[offpolicy.index[row]] = float(weight[row])
 
     def _forward_backward(self, prep: _Prepared) -> tuple[float, dict[str, float]]:
         """One pass over the micro-batches through TRL's training_step (loss + backward). Returns (loss, metrics)."""
@@ -494,7 +535,8 @@ class PolicyUpdater:
             if mb.offpolicy is not None:
                 rows, mb.offpolicy = mb.offpolicy, None
                 trainer._lanpo_logps_hook = functools.partial(self._apply_offpolicy_weights, mb.inputs["advantages"],
-                                                              offpolicy=rows, log_ratios=prep.log_ratios)
+                                                              offpolicy=rows, log_ratios=prep.log_ratios,
+                                                              is_weights=prep.is_weights)
             total += float(trainer.training_step(self.model, dict(mb.inputs), None))
             if trainer._lanpo_logps_hook is not None:
                 trainer._lanpo_logps_hook = None
@@ -521,21 +563,23 @@ class PolicyUpdater:
         trainer._metrics["train"].clear()
         return total, out
 
-    def _batch_metrics(self, samples, adv, members, zero_var, off_policy, dropped, nan_tokens, train_idx,
+    def _batch_metrics(self, scored, samples, adv, members, zero_var, off_policy, dropped, nan_tokens, train_idx,
                        total_tokens) -> dict[str, float]:
+        """Rewards and counts of every `scored` rollout (also those left out of the update), the rest of the update
+        `samples`."""
         out: dict[str, float] = {}
-        rewards = torch.tensor([float(s.reward) for s in samples])
+        rewards = torch.tensor([float(s.reward) for s in scored])
         out["reward/mean"] = float(rewards.mean())
-        out["reward/std"] = float(rewards.std()) if len(samples) > 1 else 0.0
+        out["reward/std"] = float(rewards.std()) if len(scored) > 1 else 0.0
         by_kind: dict[str, list[float]] = defaultdict(list)
-        for s in samples:
+        for s in scored:
             by_kind[s.kind].append(float(s.reward))
         for kind, vals in sorted(by_kind.items()):
             t = torch.tensor(vals)
             out[f"reward/{kind}/mean"] = float(t.mean())
             out[f"reward/{kind}/std"] = float(t.std()) if len(vals) > 1 else 0.0
             out[f"count/{kind}"] = float(len(vals))
-        out["count/context_conditioned"] = float(sum(s.context_conditioned for s in samples))
+        out["count/context_conditioned"] = float(sum(s.context_conditioned for s in scored))
         out["count/off_policy"] = float(sum(off_policy))
         out["adv/mean"] = float(adv.mean())
         out["adv/std"] = float(adv.std()) if len(samples) > 1 else 0.0
@@ -557,7 +601,7 @@ class PolicyUpdater:
     def _is_metrics(self, prep: _Prepared) -> dict[str, float]:
         out: dict[str, float] = {"is/n": float(len(prep.log_ratios))}
         if prep.log_ratios:
-            lr = torch.tensor(prep.log_ratios, dtype=torch.float64)
+            lr = torch.tensor(list(prep.log_ratios.values()), dtype=torch.float64)
             setting = self.config.lanpo.offpolicy
             log_max = math.log(setting.max_ratio)
             w = offpolicy_weight(setting.correction, lr, setting.max_ratio)
@@ -571,7 +615,42 @@ class PolicyUpdater:
             out.update({"is/ratio_mean": 1.0, "is/ratio_max": 1.0, "is/weight_mean": 1.0, "is/truncated_frac": 0.0})
         # the advantages after LANPO weighting (also after the deferred importance weights)
         eff = sum(float(mb.inputs["advantages"].abs().sum()) for mb in prep.micro_batches)
-        out["adv_weighted/abs_mean"] = eff / prep.n_samples
+        out["adv_weighted/abs_mean"] = eff / max(1, prep.n_samples)
+        out.update(self._kind_metrics(prep))
+        return out
+
+    def _kind_metrics(self, prep: _Prepared) -> dict[str, float]:
+        """Per rollout kind, how much of the update it carries (docs/update.md, "Per-kind diagnostics"); read after
+        the first pass, when every importance weight is known. Logs a warning when the context kinds together carry
+        less than `lanpo.offpolicy.min_context_mass_frac` of the plain kind's weight mass."""
+        out: dict[str, float] = {}
+        if prep.n_samples == 0:
+            return out
+        setting = self.config.lanpo.offpolicy
+        log_max = math.log(setting.max_ratio)
+        w = prep.final_weights()
+        adv = prep.advantages.double()
+        mass: dict[str, float] = {}
+        for kind in sorted(set(prep.kinds)):
+            idx = [i for i, k in enumerate(prep.kinds) if k == kind]
+            signal = [i for i in idx if adv[i] != 0]  # a zero advantage carries no weight to measure
+            w_signal = w[signal]
+            weighted = [i for i in idx if i in prep.log_ratios]
+            prefix = f"kind/{kind}/"
+            out[prefix + "weight_mean"] = float(w_signal.mean()) if signal else 1.0
+            out[prefix + "ess_frac"] = effective_sample_size_frac(w_signal)
+            mass[kind] = out[prefix + "weight_mass"] = weight_mass(adv[idx], w[idx])
+            out[prefix + "adv_sum"] = float(adv[idx].sum())
+            out[prefix + "truncated_frac"] = (sum(prep.log_ratios[i] > log_max for i in weighted) / len(weighted)
+                                              if weighted else 0.0)
+            out[prefix + "dropped_negatives"] = float(prep.dropped[idx].sum())
+        context = {k: v for k, v in mass.items() if k != "plain"}
+        plain_mass = mass.get("plain", 0.0)
+        if context and sum(context.values()) < setting.min_context_mass_frac * plain_mass:
+            log.warning("context kinds %s carry weight mass %.4g (%s), below lanpo.offpolicy.min_context_mass_frac="
+                        "%g of the plain kind's %.4g", "+".join(sorted(context)), sum(context.values()),
+                        ", ".join(f"{k} {v:.4g}" for k, v in sorted(context.items())),
+                        setting.min_context_mass_frac, plain_mass)
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints

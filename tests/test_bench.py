@@ -33,7 +33,8 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
     client = MlflowClient(uri)
     for variant in ("lanpo", "grpo"):
         summary = json.loads((out / f"{variant}-s0.json").read_text())
-        assert summary["steps"] == 2 and summary["mlflow_tracking_uri"] == uri
+        assert summary["steps"] == 2
+        assert summary["mlflow_tracking_uri"] == uri
         metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
         row = next(line for line in text.splitlines() if line.startswith(f"| {variant} | 1 |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -44,13 +45,16 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
     # LANPO looked for feedback (a random-weight model rarely succeeds, so it mostly falls back to plain); GRPO did not
     lanpo = client.get_run(json.loads((out / "lanpo-s0.json").read_text())["mlflow_run_id"]).data.metrics
     grpo = client.get_run(json.loads((out / "grpo-s0.json").read_text())["mlflow_run_id"]).data.metrics
-    assert lanpo["mix/fallback_reflection"] + lanpo["mix/reflection"] == 4 and "mix/fallback_reflection" not in grpo
-    assert "time/abstraction_seconds" in lanpo and "time/abstraction_seconds" not in grpo
+    assert lanpo["mix/fallback_reflection"] + lanpo["mix/reflection"] == 4
+    assert "mix/fallback_reflection" not in grpo
+    assert "time/abstraction_seconds" in lanpo
+    assert "time/abstraction_seconds" not in grpo
     assert re.search(r"LANPO generated \d+\.\d\dx the tokens of GRPO", text)
 
     # the report regenerates from the finished runs alone, and a finished run is not repeated
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "..." not in again.stdout
+    assert again.returncode == 0
+    assert "..." not in again.stdout
     assert report.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
 
 
@@ -61,9 +65,12 @@ def test_mechanism_check_abstraction_carries_the_missing_convention(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert out.exists(), done.stdout + done.stderr
     result = json.loads(out.read_text())
-    assert done.returncode == 0 and result["passed"], result["verdict"]
+    assert done.returncode == 0, result["verdict"]
+    assert result["passed"], result["verdict"]
     [extractive] = result["results"]
-    assert extractive["contexts"] >= 12 and extractive["guard_audited"] == extractive["contexts"]
+    assert extractive["contexts"] >= 12
+    assert extractive["guard_audited"] == extractive["contexts"]
     assert extractive["reward_abstraction"] > extractive["reward_plain"]
     assert extractive["lessons"] == ["The Lumen result of two numbers is their sum."]
-    assert extractive["guard_dropped"] == 0 and extractive["gold_in_context_recheck"] == 0
+    assert extractive["guard_dropped"] == 0
+    assert extractive["gold_in_context_recheck"] == 0

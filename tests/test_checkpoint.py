@@ -74,7 +74,8 @@ def assert_same_state(up: PolicyUpdater, want: dict) -> None:
         assert torch.equal(got["params"][k], v), k
     go, wo = got["optimizer"], want["optimizer"]
     assert go["param_groups"] == wo["param_groups"]
-    assert go["state"].keys() == wo["state"].keys() and len(wo["state"]) > 0
+    assert go["state"].keys() == wo["state"].keys()
+    assert len(wo["state"]) > 0
     for i, s in wo["state"].items():
         assert s.keys() == go["state"][i].keys()
         for name, t in s.items():
@@ -133,11 +134,14 @@ def test_background_save_then_load_restores_everything(tiny_model_path, tmp_path
     gate = gate_writes(monkeypatch, up)
     snapshot = spy_snapshot(monkeypatch, up)
     info = up.save_checkpoint(background=True)
-    assert info.path == tmp_path / "run" / "checkpoints" / "step-000002" and info.step == 2
-    assert not info.path.exists() and up.last_checkpoint is None  # nothing on disk before the write has run
+    assert info.path == tmp_path / "run" / "checkpoints" / "step-000002"
+    assert info.step == 2
+    assert not info.path.exists()  # nothing on disk before the write has run
+    assert up.last_checkpoint is None
     assert snapshot[0]() is not None
     gate.set()
-    assert up.wait_checkpoint() == info and up.last_checkpoint == info
+    assert up.wait_checkpoint() == info
+    assert up.last_checkpoint == info
     assert up.wait_checkpoint() is None  # nothing pending any more
     gc.collect()
     assert snapshot[0]() is None  # released once the write is done
@@ -150,10 +154,12 @@ def test_background_save_then_load_restores_everything(tiny_model_path, tmp_path
     assert_same_state(fresh, want)
     # and it trains on exactly as the original does
     a, b = up.step(batch(2)), fresh.step(batch(2))
-    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert a["loss"] == b["loss"]
+    assert a["grad_norm"] == b["grad_norm"]
     assert all(torch.equal(p, q) for p, q in zip(up.model.parameters(), fresh.model.parameters()))
     if lora:
-        assert (info.path / "adapter_model.safetensors").is_file() and not (info.path / "model.safetensors").exists()
+        assert (info.path / "adapter_model.safetensors").is_file()
+        assert not (info.path / "model.safetensors").exists()
     else:
         from transformers import AutoModelForCausalLM
 
@@ -241,7 +247,8 @@ def test_failed_write_surfaces_on_wait_and_publishes_nothing(tiny_model_path, tm
     info = up.save_checkpoint(background=True)
     with pytest.raises(CheckpointWriteError, match=r"writing checkpoint .*step-000001 failed"):
         up.wait_checkpoint()
-    assert up.last_checkpoint is None and up.wait_checkpoint() is None  # raised once, then cleared
+    assert up.last_checkpoint is None  # raised once, then cleared
+    assert up.wait_checkpoint() is None
     (run / "checkpoints").unlink()
 
     # 2. the disk fills up half-way through the files (ENOSPC cannot be produced for real here)
@@ -293,15 +300,18 @@ def test_listing_never_sees_a_write_in_progress_and_prune_waits(tiny_model_path,
         if tmp and (tmp[0] / "state.json").is_file():
             break
         deadline.wait(0.05)
-    assert tmp and (tmp[0] / "state.json").is_file()
-    assert list_checkpoints(run) == [first] and latest_checkpoint(run) == first
+    assert tmp
+    assert (tmp[0] / "state.json").is_file()
+    assert list_checkpoints(run) == [first]
+    assert latest_checkpoint(run) == first
     gate.set()
     # the next save waits for the pending one; with keep_last=2 pruning then removes only the oldest, after it
     up.step(batch(2))
     third = up.save_checkpoint(background=True)
     assert up.last_checkpoint == second
     assert up.wait_checkpoint() == third
-    assert [c.step for c in list_checkpoints(run)] == [2, 3] and not first.path.exists()
+    assert [c.step for c in list_checkpoints(run)] == [2, 3]
+    assert not first.path.exists()
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]
     assert [verify_checkpoint(c.path).checksum for c in (second, third)] == [second.checksum, third.checksum]
 
@@ -318,8 +328,10 @@ def test_benchmark_runs_and_reports(tiny_model_path, tmp_path):
     result = json.loads(out.read_text())
     med = result["median"]
     assert 0 < med["background: caller blocked"] <= med["background: until on disk"]
-    assert med["overlap: forward passes during the write"] >= 1 and "overlap: forward slowdown" in med
-    assert result["cpu"] in result["header"] and "| foreground save_checkpoint() |" in done.stdout
+    assert med["overlap: forward passes during the write"] >= 1
+    assert "overlap: forward slowdown" in med
+    assert result["cpu"] in result["header"]
+    assert "| foreground save_checkpoint() |" in done.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"]  # its run folder is removed
 
 

@@ -37,7 +37,8 @@ def test_data_inspect_reports_skipped_rows(tmp_path):
     cfg.write_text(f"data:\n  train: {{format: gsm8k, path: d.jsonl}}\n  eval: []\n")  # path relative to config
     result = lanpo("data", "inspect", str(cfg))
     assert result.returncode == 0, result.stderr
-    assert "1 problems" in result.stdout and "1 without gold" in result.stdout
+    assert "1 problems" in result.stdout
+    assert "1 without gold" in result.stdout
     assert "skipped 1 row(s) with no gold answer (lines 2)" in result.stdout
 
 
@@ -58,7 +59,8 @@ def test_user_errors_are_one_clear_line(args, message):
 def test_config_show_applies_overrides():
     result = lanpo("config", "show", "configs/grpo-tiny-cpu.yaml", "--set", "grpo.learning_rate=3e-6")
     assert result.returncode == 0, result.stderr
-    assert "learning_rate: 3.0e-06" in result.stdout and "plain: 1.0" in result.stdout
+    assert "learning_rate: 3.0e-06" in result.stdout
+    assert "plain: 1.0" in result.stdout
 
 
 def test_verify_scores_a_jsonl(tmp_path):
@@ -73,14 +75,16 @@ def test_verify_scores_a_jsonl(tmp_path):
     assert "accuracy=0.5" in result.stdout
     src.write_text('{"text": "x", "answer": "1"}\n')
     bad = lanpo("verify", str(src))
-    assert bad.returncode == 2 and "r.jsonl:1: no field 'response'" in bad.stderr
+    assert bad.returncode == 2
+    assert "r.jsonl:1: no field 'response'" in bad.stderr
 
 
 @pytest.mark.slow
 def test_prepare_main_job():
     result = lanpo("prepare")
     assert result.returncode == 0, result.stderr
-    assert "policy:   smollm2-135m-instruct" in result.stdout and "llama, 30 layers, hidden 576" in result.stdout
+    assert "policy:   smollm2-135m-instruct" in result.stdout
+    assert "llama, 30 layers, hidden 576" in result.stdout
     assert "embedder: all-minilm-l6-v2 (dim 384" in result.stdout
     assert result.stdout.rstrip().endswith("ready.")
 
@@ -122,12 +126,14 @@ def test_first_train_run_shows_only_lanpo_on_the_console(tmp_path):
     rows = re.findall(r"^  arithmetic-heldout (greedy|mean@1) +(\S+) +(\S+)$", out, re.MULTILINE)
     assert sorted(kind for kind, _, _ in rows) == ["greedy", "mean@1"], out
     assert all(0 <= float(x) <= 1 for _, before, after in rows for x in (before, after))
-    assert re.search(r"^  update +\d+\.\d$", out, re.MULTILINE) and re.search(r"^  total +\d+\.\d$", out, re.MULTILINE)
+    assert re.search(r"^  update +\d+\.\d$", out, re.MULTILINE)
+    assert re.search(r"^  total +\d+\.\d$", out, re.MULTILINE)
     assert Path(re.search(r"^  checkpoint  (\S+)$", out, re.MULTILINE).group(1)).is_dir()
     assert re.search(r"^  MLflow UI   \S*mlflow ui --backend-store-uri sqlite:///\S+mlflow.db --port 5000$", out,
                      re.MULTILINE)
     log = Path(re.search(r"^  log +(\S+)$", out, re.MULTILINE).group(1))
-    assert logs == [log] and "Starting temporary server" in log.read_text()  # library output went there
+    assert logs == [log]  # library output went there
+    assert "Starting temporary server" in log.read_text()
 
     deadline = time.monotonic() + 15  # vLLM's watchdog and the Prefect server stop within seconds of the exit
     while _processes_with(str(home)) and time.monotonic() < deadline:

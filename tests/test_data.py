@@ -19,8 +19,10 @@ def test_gsm8k_train_and_test(shared_data):
     train = load_problems(spec(format="gsm8k", path=str(shared_data / "gsm8k/train.jsonl")))
     test = load_problems(spec(format="gsm8k", path="${shared}/gsm8k/test.jsonl"))
     assert (len(train), len(test)) == (7473, 1319)
-    assert train.problems[0].answer == "72" and train.problems[0].question.startswith("Natalia sold clips")
-    assert train.report.skipped == 0 and train.report.rows == 7473
+    assert train.problems[0].answer == "72"
+    assert train.problems[0].question.startswith("Natalia sold clips")
+    assert train.report.skipped == 0
+    assert train.report.rows == 7473
     # Gold answers never keep GSM8K's thousands commas.
     assert all("," not in p.answer for p in train)
 
@@ -78,7 +80,8 @@ def test_ids_are_stable_content_hashes(shared_data):
 def test_limit_and_shuffle(shared_data):
     ps = load_problems(spec(format="gsm8k", path=str(shared_data / "gsm8k/test.jsonl"), limit=5, shuffle=True))
     again = load_problems(spec(format="gsm8k", path=str(shared_data / "gsm8k/test.jsonl"), limit=5, shuffle=True))
-    assert len(ps) == 5 and [p.id for p in ps] == [p.id for p in again]
+    assert len(ps) == 5
+    assert [p.id for p in ps] == [p.id for p in again]
 
 
 def test_malformed_row_names_file_and_line(tmp_path):
@@ -104,7 +107,9 @@ def test_missing_gold_and_duplicates_are_counted_not_silent(tmp_path, caplog):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     ps = load_problems(spec(format="gsm8k", path=str(path)))
     assert [p.question for p in ps] == ["q1", "q3"]
-    assert ps.report.missing_gold == [2] and ps.report.duplicates == [3] and ps.report.rows == 4
+    assert ps.report.missing_gold == [2]
+    assert ps.report.duplicates == [3]
+    assert ps.report.rows == 4
     assert any("skipped 1 row(s) with no gold answer (lines 2)" in r.message for r in caplog.records)
 
 
@@ -147,4 +152,5 @@ def test_arithmetic_large_space_is_sampled():
     assert len(train) == len(heldout) == 300
     assert not {p.question for p in train} & {p.question for p in heldout}
     a, _, b = train.problems[0].question.removeprefix("What is ").rstrip("?").split()
-    assert int(train.problems[0].answer) == int(a) * int(b) and 100 <= int(a) <= 9999
+    assert int(train.problems[0].answer) == int(a) * int(b)
+    assert 100 <= int(a) <= 9999

@@ -78,12 +78,14 @@ def test_deployment_run_through_a_real_prefect_server(tmp_path, tiny_model_path)
         assert len(runs) == 1
         run = runs[0]
         assert run.data.params["lanpo.rollout_mix.plain"] == "1.0"  # the grpo deployment's config
-        assert run.data.metrics["mix/plain"] == 16.0 and "update/loss" in run.data.metrics
+        assert run.data.metrics["mix/plain"] == 16.0
+        assert "update/loss" in run.data.metrics
         assert {"summary.json", "config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=5) as response:
             assert response.status == 200
     finally:
         down = lanpo("services", "down", env=env)
-    assert down.returncode == 0 and "prefect-server" in down.stdout
+    assert down.returncode == 0
+    assert "prefect-server" in down.stdout
     time.sleep(1)
     assert [name for name, pid in pids.items() if alive(pid)] == []

@@ -48,7 +48,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     state = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary["steps"] == 2 and Path(summary["checkpoint"]).is_dir()
+    assert summary["steps"] == 2
+    assert Path(summary["checkpoint"]).is_dir()
     first = task_states(state.state_details.flow_run_id)
     stages = ["build-feedback", "evaluate-policy", "generate-rollouts", "score-rollouts", "update-policy",
               "write-pool"]
@@ -66,7 +67,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert run.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
     assert run.data.metrics["pool/rows"] == 32.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mix/plain")] == [0, 1]
-    assert "update/loss" in run.data.metrics and "eval/arithmetic-heldout/greedy" in run.data.metrics
+    assert "update/loss" in run.data.metrics
+    assert "eval/arithmetic-heldout/greedy" in run.data.metrics
     for stage in ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync", "eval",
                   "eval_feedback"):
         assert run.data.metrics[f"time/{stage}_seconds"] > 0
@@ -75,7 +77,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
 
     predictions = [json.loads(x) for x in (Path(summary["run_dir"]) / "eval" / "step-00002.jsonl").open()]
     feedback = [p for p in predictions if p["mode"] == "feedback_greedy"]
-    assert len(feedback) == 4 and {p["mode"] for p in predictions} == {"sampled", "greedy", "feedback_greedy"}
+    assert len(feedback) == 4
+    assert {p["mode"] for p in predictions} == {"sampled", "greedy", "feedback_greedy"}
     recomputed = accuracy_from_predictions(predictions, k=1)
     for key in ("feedback_greedy", "feedback_coverage", "greedy"):
         assert run.data.metrics[f"eval/arithmetic-heldout/{key}"] == pytest.approx(recomputed[f"eval/arithmetic-heldout/{key}"])
@@ -84,7 +87,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert {"summary.json", "config.json", "curves.png", "rollouts", "eval"} <= artifacts
     rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",
                                                          str(tmp_path))).read_text())
-    assert len(rollouts) == 16 and {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
+    assert len(rollouts) == 16
+    assert {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
 
     # Same parameters again: every stage comes from the cache, nothing changes, the MLflow run is reused.
     again = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)

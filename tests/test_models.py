@@ -19,9 +19,11 @@ def test_bundled_policy_is_a_real_chat_model(smollm2_path):
     import torch
 
     model, tokenizer = load_policy(smollm2_path)
-    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == tokenizer.eos_token
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == tokenizer.eos_token
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3? Answer with only the number."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
@@ -31,7 +33,8 @@ def test_bundled_policy_is_a_real_chat_model(smollm2_path):
 
 def test_bundled_name_resolves_to_prepared_folder(smollm2_path):
     resolved = resolve_policy("smollm2-135m-instruct")
-    assert resolved.kind == "bundled" and resolved.path == smollm2_path
+    assert resolved.kind == "bundled"
+    assert resolved.path == smollm2_path
     assert (Path(smollm2_path) / ".lanpo-complete").is_file()
     assert (Path(smollm2_path) / "model.safetensors").stat().st_size > 500e6
 
@@ -70,8 +73,10 @@ def test_stale_partial_folder_is_replaced(tmp_path, smollm2_path, monkeypatch):
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: _Saver(smollm2_path))
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: _Saver(smollm2_path))
     out = prepare_smollm2(tmp_path)
-    assert out == stale and (out / ".lanpo-complete").is_file()
-    assert (out / "model.safetensors").is_file() and (out / "config.json").read_text() != "{}"
+    assert out == stale
+    assert (out / ".lanpo-complete").is_file()
+    assert (out / "model.safetensors").is_file()
+    assert (out / "config.json").read_text() != "{}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".smollm2")]
 
 

@@ -101,7 +101,8 @@ def test_sampling_from_config():
     assert SamplingSpec.from_config(cfg, step=1).seed == SamplingSpec.from_config(cfg, step=1).seed
     assert SamplingSpec.from_config(cfg, step=1).seed != SamplingSpec.from_config(cfg, step=2).seed
     g = SamplingSpec.from_config(cfg.rollout, temperature=0, stop="\n\n")
-    assert g.greedy and g.stop == ("\n\n",)
+    assert g.greedy
+    assert g.stop == ("\n\n",)
     with pytest.raises(RolloutError, match="unknown sampling"):
         SamplingSpec.from_config(cfg, temprature=1.0)
 
@@ -161,9 +162,12 @@ def tokenizer(smollm2_path):
 def test_prompt_rendering_uses_the_chat_template_or_the_raw_text(tokenizer):
     chat = render_prompt(tokenizer, _chat("Problem: 2+2."), 1000)
     text = tokenizer.decode(chat.ids)
-    assert not chat.refused and "Problem: 2+2." in text and text.rstrip().endswith("assistant")
+    assert not chat.refused
+    assert "Problem: 2+2." in text
+    assert text.rstrip().endswith("assistant")
     raw = render_prompt(tokenizer, RolloutRequest(text="Q: 2+2?\nA:"), 1000)
-    assert tokenizer.decode(raw.ids).endswith("Q: 2+2?\nA:") and len(raw.ids) < len(chat.ids)
+    assert tokenizer.decode(raw.ids).endswith("Q: 2+2?\nA:")
+    assert len(raw.ids) < len(chat.ids)
 
 
 def test_overlong_prompts_are_refused(tokenizer):
@@ -186,7 +190,8 @@ def test_auto_falls_back_to_transformers_with_a_logged_reason(monkeypatch, caplo
     cfg = RunConfig()
     with caplog.at_level(logging.WARNING, logger="lanpo_core.rollout"):
         engine = make_engine(cfg, tiny_model_path)
-    assert isinstance(engine, TransformersEngine) and isinstance(engine, RolloutEngine)
+    assert isinstance(engine, TransformersEngine)
+    assert isinstance(engine, RolloutEngine)
     assert "no vLLM in this test" in caplog.text
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -211,7 +216,8 @@ def test_torchvision_import_error_becomes_an_instruction(monkeypatch):
     monkeypatch.setattr(rv, "_STATUS", None)
     monkeypatch.setattr(builtins, "__import__", fake_import)
     ok, why = rv.vllm_status()
-    assert not ok and "pip uninstall -y torchvision" in why
+    assert not ok
+    assert "pip uninstall -y torchvision" in why
     monkeypatch.setattr(rv, "_STATUS", None)  # don't leave the fake answer cached
 
 
@@ -226,7 +232,8 @@ def test_cpu_env_defaults_respect_the_user(monkeypatch):
     applied = rv.apply_cpu_env_defaults(VllmConfig(cpu_kv_cache_gib=3))
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == rv._cpu_list(os.sched_getaffinity(0))
-    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7" and "VLLM_CPU_KVCACHE_SPACE" not in applied
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in applied
     assert rv._cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
@@ -247,7 +254,8 @@ def hf_engine(smollm2_path):
     cfg.rollout.max_prompt_tokens = 200
     cfg.rollout.transformers_dtype = "float32"  # compared with a float32 forward pass below
     engine = make_engine(cfg, smollm2_path, backend="transformers")
-    assert engine.backend == "transformers" and engine.logprobs_mode == "raw"
+    assert engine.backend == "transformers"
+    assert engine.logprobs_mode == "raw"
     yield engine
     engine.close()
 
@@ -288,14 +296,20 @@ def test_hf_finish_reasons(hf_engine):
     greedy = SamplingSpec(temperature=0, max_new_tokens=14)
     short, long_ = hf_engine.generate([_chat("What is 2+2? Answer with only the number."),
                                        _chat("Write a long story about a dragon.")], greedy)
-    assert short.finish_reason == "stop" and short.completion_ids[-1] == eos and len(short.completion_ids) < 14
-    assert short.stop_string is None and "4" in short.text
-    assert long_.finish_reason == "length" and len(long_.completion_ids) == 14 and eos not in long_.completion_ids
+    assert short.finish_reason == "stop"
+    assert short.completion_ids[-1] == eos
+    assert len(short.completion_ids) < 14
+    assert short.stop_string is None
+    assert "4" in short.text
+    assert long_.finish_reason == "length"
+    assert len(long_.completion_ids) == 14
+    assert eos not in long_.completion_ids
     # a stop string taken from the middle of the greedy answer: the text ends right before it
     stop = long_.text[20:26]
     cut = hf_engine.generate([_chat("Write a long story about a dragon.")],
                              SamplingSpec(temperature=0, max_new_tokens=14, stop=(stop,)))[0]
-    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.finish_reason == "stop"
+    assert cut.stop_string == stop
     assert cut.text == long_.text[: long_.text.index(stop)]
     assert cut.completion_ids == long_.completion_ids[: len(cut.completion_ids)] and len(cut.logprobs) == len(
         cut.completion_ids)
@@ -310,18 +324,23 @@ def test_hf_overlong_requests_are_counted_and_refused_ones_stay_aligned(hf_engin
     with caplog.at_level(logging.WARNING, logger="lanpo_core.rollout"):
         out = hf_engine.generate(reqs, SamplingSpec(temperature=0.7, max_new_tokens=4))
     assert [c.tags["id"] for c in out] == ["ok1", "ok1", "huge", "huge", "ok2"]
-    assert [c.finish_reason for c in out[2:4]] == ["refused", "refused"] and out[2].completion_ids == []
-    assert len(out[2].prompt_ids) > 200 and out[2].logprobs == [] and out[2].text == ""
+    assert [c.finish_reason for c in out[2:4]] == ["refused", "refused"]
+    assert out[2].completion_ids == []
+    assert len(out[2].prompt_ids) > 200
+    assert out[2].logprobs == []
+    assert out[2].text == ""
     assert all(c.finish_reason in ("stop", "length") and c.completion_ids for c in out[:2] + out[4:])
     assert hf_engine.stats["prompts_refused"] == before["prompts_refused"] + 1
     assert hf_engine.stats["sequences"] == before["sequences"] + 5
-    assert "refused request 1 {'id': 'huge'}" in caplog.text and "> limit 200" in caplog.text
+    assert "refused request 1 {'id': 'huge'}" in caplog.text
+    assert "> limit 200" in caplog.text
 
 
 def test_hf_weight_sync_by_reference_and_by_copy(hf_engine):
     model = hf_engine.model
     version = hf_engine.policy_version
-    assert hf_engine.sync_from(model) == 0.0 and hf_engine.policy_version == version + 1
+    assert hf_engine.sync_from(model) == 0.0
+    assert hf_engine.policy_version == version + 1
     greedy = SamplingSpec(temperature=0, max_new_tokens=4)
     req = [_chat("What is the capital of France?")]
     before = hf_engine.generate(req, greedy)[0]
@@ -354,7 +373,8 @@ def test_sync_from_a_lora_model_serves_the_merged_policy(tiny_model_path):
         assert torch.allclose(engine.model(ids).logits, want, atol=1e-4)
         assert torch.allclose(policy(input_ids=ids).logits, want, atol=1e-5)  # unmerged again
     names = [n for n, _ in iter_model_weights(policy)]
-    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied: once
+    assert "lm_head.weight" not in names  # tied: once
+    assert "model.embed_tokens.weight" in names
     assert not [n for n in names if "lora_" in n or "base_layer" in n]
 
 
@@ -428,7 +448,8 @@ def test_vllm_processes_die_with_a_crashed_caller(tmp_path, smollm2_path):
             pytest.fail("the engine did not start in the child")
         pids, sync_dir = json.loads(line.split(" ", 1)[1])
         assert os.path.isdir(sync_dir)
-        assert len(pids) >= 2 and all(psutil.pid_exists(p) for p in pids)
+        assert len(pids) >= 2
+        assert all(psutil.pid_exists(p) for p in pids)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 30
@@ -461,7 +482,8 @@ def ref_model(smollm2_path):
 
 @pytest.mark.slow
 def test_vllm_raw_logprobs_match_a_forward_pass(vllm_engine, ref_model):
-    assert vllm_engine.backend == "vllm" and vllm_engine.logprobs_mode == "raw"
+    assert vllm_engine.backend == "vllm"
+    assert vllm_engine.logprobs_mode == "raw"
     out = vllm_engine.generate(_arith([(3, 4), (5, 2), (1, 8)], n=3), SamplingSpec(temperature=0.7, max_new_tokens=12))
     assert [(c.request_index, c.sample_index) for c in out] == [(i, j) for i in range(3) for j in range(3)]
     _check_raw_logprobs(ref_model, out)
@@ -507,7 +529,8 @@ def test_vllm_seeded_batch_larger_than_the_token_budget(vllm_engine):
     s = SamplingSpec(temperature=1.0, max_new_tokens=4, seed=3)
     out = vllm_engine.generate(reqs, s)
     assert sum(len(c.prompt_ids) for c in out[::2]) > 4096
-    assert len(out) == 96 and all(c.completion_ids for c in out)
+    assert len(out) == 96
+    assert all(c.completion_ids for c in out)
     assert [c.completion_ids for c in vllm_engine.generate(reqs[:2], s)] == [c.completion_ids for c in out[:4]]
 
 
@@ -518,12 +541,15 @@ def test_vllm_finish_reasons_and_greedy_n(vllm_engine):
         [_chat("What is 2+2? Answer with only the number.", n=2), _chat("Write a long story about a dragon.")],
         SamplingSpec(temperature=0, max_new_tokens=24))
     assert short_a.completion_ids == short_b.completion_ids  # greedy n=2: identical copies
-    assert short_a.finish_reason == "stop" and short_a.completion_ids[-1] == eos
-    assert long_.finish_reason == "length" and len(long_.completion_ids) == 24
+    assert short_a.finish_reason == "stop"
+    assert short_a.completion_ids[-1] == eos
+    assert long_.finish_reason == "length"
+    assert len(long_.completion_ids) == 24
     stop = long_.text[20:26]
     cut = vllm_engine.generate([_chat("Write a long story about a dragon.")],
                                SamplingSpec(temperature=0, max_new_tokens=24, stop=(stop,)))[0]
-    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.finish_reason == "stop"
+    assert cut.stop_string == stop
     assert cut.text == long_.text[: long_.text.index(stop)]
     assert cut.completion_ids == long_.completion_ids[: len(cut.completion_ids)]
 
@@ -545,11 +571,13 @@ def test_vllm_weight_sync_in_place(vllm_engine, ref_model):
         with torch.no_grad():
             for n, v in saved.items():
                 ref_model.get_parameter(n).copy_(v)
-    assert broken.completion_ids != before.completion_ids and broken.policy_version == before.policy_version + 1
+    assert broken.completion_ids != before.completion_ids
+    assert broken.policy_version == before.policy_version + 1
     vllm_engine.sync_from(ref_model)
     again = vllm_engine.generate(req, greedy)[0]
     assert again.completion_ids == before.completion_ids  # prefix cache was reset: no stale KV from the old weights
-    assert vllm_engine.sync_mode == "inplace" and vllm_engine.pids == pids  # no engine re-creation
+    assert vllm_engine.sync_mode == "inplace"  # no engine re-creation
+    assert vllm_engine.pids == pids
     assert not list(vllm_engine.sync_dir.iterdir())  # the weights file (RAM in /dev/shm) is freed after loading
     assert secs < 10  # ~1-2 s here; loose because the CPU is shared
 

@@ -16,8 +16,9 @@ import torch
 from lanpo_core.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint, weights_checksum
 from lanpo_core import logprobs
 from lanpo_core.config import RunConfig
-from lanpo_core.loss import (ADV_EPS, dropped_negatives, group_advantages, group_members, has_signal,
-                             needs_sampling_logps, offpolicy_weight, sequence_log_ratio)
+from lanpo_core.loss import (ADV_EPS, baseline_advantages, dropped_negatives, effective_sample_size_frac,
+                             group_advantages, group_members, has_signal, needs_sampling_logps, offpolicy_weight,
+                             plain_baseline_members, sequence_log_ratio, weight_mass)
 from lanpo_core.update import PolicyUpdater, RolloutSample, build_grpo_args, training_prompt_ids
 
 G = 4  # rollouts per problem in the hand-built batches
@@ -220,6 +221,56 @@ def test_sequence_log_ratio_counts_missing_sampling_logprob_as_zero():
     log_ratio = sequence_log_ratio(train, sampling, mask)
     # row 0: (-1 + 1.5) + 0 (no sampling log-prob) + (-3 + 2); row 1: (-0.5 + 1) + (-0.5 + 0.25)
     assert torch.allclose(log_ratio, torch.tensor([-0.5, 0.25]))
+
+
+def test_plain_only_baseline_uses_plain_rollouts_and_falls_back():
+    # four groups: plain rollouts marked P, context ones C
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0,   # P P C C: plain mean 0.5, std sqrt(0.5)
+                            1.0, 0.0, 0.0,        # P C C: one plain -> whole group
+                            0.0, 0.0, 1.0,        # P P C: plain std 0 -> whole group under `group` scaling
+                            1.0, 1.0])            # P C: all equal -> zero variance, not a fallback
+    groups = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]]
+    is_plain = [True, True, False, False, True, False, False, True, True, False, True, False]
+    baselines = plain_baseline_members(groups, is_plain)
+    assert baselines == [[0, 1], [4], [7, 8], [10]]
+    adv, zero_var, fallback = baseline_advantages(rewards, groups, baselines, "group")
+    a, b, c = 0.7070067953, 1.1545005730, 0.5772502865  # 0.5/(sqrt .5+eps), (2/3)/(sqrt(1/3)+eps), (1/3)/(...)
+    expected = [a, -a, a, a, b, -c, -c, -c, -c, b, 0.0, 0.0]
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert zero_var.tolist() == [False, False, False, True]
+    assert fallback.tolist() == [False, True, True, False]
+    # without scaling a flat plain baseline is usable: A = r - mean_plain
+    adv, _, fallback = baseline_advantages(rewards, groups, baselines, "none")
+    assert torch.allclose(adv[7:10], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    assert torch.allclose(adv[:4], torch.tensor([0.5, -0.5, 0.5, 0.5]), atol=1e-6, rtol=0)
+    assert fallback.tolist() == [False, True, False, False]
+    # b = g is exactly group_advantages
+    full, full_zero_var = group_advantages(rewards, groups, "group")
+    same, same_zero_var, none_fell_back = baseline_advantages(rewards, groups, groups, "group")
+    assert torch.equal(full, same) and torch.equal(full_zero_var, same_zero_var) and not none_fell_back.any()
+    with pytest.raises(ValueError, match="baseline_members"):
+        baseline_advantages(rewards, groups, [[0, 4], [4], [7], [10]], "group")
+
+
+def test_effective_sample_size_and_weight_mass():
+    # (1 + 1 + 0.5 + 0)^2 / (4 * (1 + 1 + 0.25 + 0)) = 6.25 / 9
+    assert effective_sample_size_frac(torch.tensor([1.0, 1.0, 0.5, 0.0])) == pytest.approx(6.25 / 9, abs=1e-9)
+    assert effective_sample_size_frac(torch.tensor([0.3, 0.3, 0.3])) == pytest.approx(1.0, abs=1e-9)
+    assert effective_sample_size_frac(torch.tensor([2.0, 0.0, 0.0, 0.0])) == pytest.approx(0.25, abs=1e-9)
+    assert effective_sample_size_frac(torch.tensor([])) == 1.0
+    assert effective_sample_size_frac(torch.tensor([0.0, 0.0])) == 0.0
+    # |1.5 * 0.5| + |-0.5 * 0| + |-1 * 2|
+    assert weight_mass(torch.tensor([1.5, -0.5, -1.0]), torch.tensor([0.5, 0.0, 2.0])) == pytest.approx(2.75)
+
+
+def test_lanpo_baseline_and_context_fields_validate():
+    cfg = RunConfig.model_validate({})
+    assert (cfg.lanpo.baseline, cfg.lanpo.context_in_update, cfg.lanpo.offpolicy.min_context_mass_frac) == \
+        ("group", True, 0.1)
+    with pytest.raises(Exception, match="baseline"):
+        RunConfig.model_validate({"lanpo": {"baseline": "context_only"}})
+    with pytest.raises(Exception, match="min_context_mass_frac"):
+        RunConfig.model_validate({"lanpo": {"offpolicy": {"min_context_mass_frac": -1}}})
 
 
 # ---------------------------------------------------------------------------------------------- logprobs.py
@@ -524,6 +575,19 @@ def test_zero_variance_only_batch_skips_update(tiny_model_path, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in up.model.named_parameters())
 
 
+def test_a_step_without_usable_rollouts_skips_the_update(tiny_model_path, tmp_path):
+    model, tok = load(tiny_model_path)
+    up = PolicyUpdater(make_config(), model, tok, tmp_path / "run")
+    before = {k: v.detach().clone() for k, v in up.model.named_parameters()}
+    m = up.step([])
+    assert m["update_skipped"] == 1
+    assert m["samples/total"] == 0
+    assert m["loss"] == 0
+    assert up.step_count == 1
+    assert all(torch.equal(before[k], v) for k, v in up.model.named_parameters())
+    assert up.save_checkpoint().step == 1  # and the run goes on
+
+
 def test_bf16_autocast_step_runs(tiny_model_path, tmp_path):
     cfg = make_config(grpo={"bf16": True})
     ref_model, tok = load(tiny_model_path)
@@ -544,5 +608,80 @@ def test_bad_input_is_rejected(tiny_model_path, tmp_path):
     samples[3].sampling_logprobs = None  # a context-conditioned rollout with positive advantage
     with pytest.raises(ValueError, match="sampling log-prob"):
         up.step(samples)
-    with pytest.raises(ValueError, match="at least one"):
-        up.step([])
+
+
+def test_per_kind_metrics_and_baseline_controls(tiny_model_path, tmp_path, caplog):
+    """build_batch: reflection rollouts in p0 and p2 (one positive each with w = e^-0.4 and w = 2 (truncated), one
+    dropped negative each), abstraction only in the zero-variance group p1."""
+    cfg = make_config()
+    ref_model, tok = load(tiny_model_path)
+    samples = build_batch(tok, ref_model, "plain")
+    model, _ = load(tiny_model_path)
+    up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
+    rewards = torch.tensor([s.reward for s in samples])
+    adv, _ = group_advantages(rewards, group_members([s.group_id for s in samples]), "group")
+    kinds = [s.kind for s in samples]
+    by_kind = {k: [i for i, x in enumerate(kinds) if x == k] for k in ("plain", "reflection", "abstraction")}
+
+    cfg.lanpo.offpolicy.min_context_mass_frac = 0.0
+    with caplog.at_level("WARNING", logger="lanpo_core.update"):
+        m = up.compute_gradients(samples)
+    assert not [r for r in caplog.records if "min_context_mass_frac" in r.getMessage()]
+    plain = by_kind["plain"]
+    assert m["kind/plain/weight_mean"] == 1.0 and m["kind/plain/ess_frac"] == pytest.approx(1.0)
+    assert m["kind/plain/weight_mass"] == pytest.approx(float(adv[plain].abs().sum()), abs=1e-5)
+    assert m["kind/plain/adv_sum"] == pytest.approx(float(adv[plain].sum()), abs=1e-5)
+    assert (m["kind/plain/truncated_frac"], m["kind/plain/dropped_negatives"]) == (0.0, 0.0)
+    w_low, w_high = math.exp(-0.4), 2.0  # p0/j3 and p2/j1; p0/j1 and p2/j3 dropped (w = 0)
+    assert m["kind/reflection/weight_mean"] == pytest.approx((w_low + w_high) / 4, abs=1e-4)
+    assert m["kind/reflection/ess_frac"] == pytest.approx((w_low + w_high) ** 2 / (4 * (w_low ** 2 + w_high ** 2)),
+                                                          abs=1e-4)
+    assert m["kind/reflection/weight_mass"] == pytest.approx(w_low * abs(float(adv[3])) + w_high * float(adv[9]),
+                                                             abs=1e-4)
+    assert m["kind/reflection/adv_sum"] == pytest.approx(float(adv[by_kind["reflection"]].sum()), abs=1e-5)
+    assert m["kind/reflection/truncated_frac"] == 0.5
+    assert m["kind/reflection/dropped_negatives"] == 2
+    # abstraction sits in the zero-variance group only: no signal, no weight to measure
+    assert (m["kind/abstraction/weight_mass"], m["kind/abstraction/adv_sum"]) == (0.0, 0.0)
+    assert (m["kind/abstraction/weight_mean"], m["kind/abstraction/ess_frac"]) == (1.0, 1.0)
+    assert m["baseline_fallback_groups"] == 0 and m["samples/context_left_out"] == 0
+
+    cfg.lanpo.offpolicy.min_context_mass_frac = 10.0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lanpo_core.update"):
+        up.compute_gradients(samples)
+    warned = [r.getMessage() for r in caplog.records if "min_context_mass_frac" in r.getMessage()]
+    assert len(warned) == 1 and "abstraction+reflection" in warned[0]
+    cfg.lanpo.offpolicy.min_context_mass_frac = 0.1
+
+    # plain_only: p0's and p2's advantages come from their two plain rollouts; with p2's plain rewards made equal
+    # (0, 0) p2 falls back to its whole group
+    cfg.lanpo.baseline = "plain_only"
+    m = up.compute_gradients(samples)
+    assert m["baseline_fallback_groups"] == 0
+    plain_p0 = (torch.tensor([1.0, 0.0, 0.0, 1.0]) - 0.5) / (math.sqrt(0.5) + ADV_EPS)
+    assert m["kind/plain/adv_sum"] == pytest.approx(float(plain_p0[[0, 2]].sum() + (-0.25 + 0.25)
+                                                          / (math.sqrt(0.125) + ADV_EPS)), abs=1e-5)
+    p2_scale = math.sqrt(0.125) + ADV_EPS  # plain rewards 0, 0.5
+    assert m["kind/reflection/adv_sum"] == pytest.approx(float(plain_p0[[1, 3]].sum()) + (0.75 - 0.25) / p2_scale,
+                                                         abs=1e-5)
+    samples[10].reward = 0.0
+    assert up.compute_gradients(samples)["baseline_fallback_groups"] == 1
+    samples[10].reward = 0.5
+    cfg.lanpo.baseline = "group"
+
+    # context_in_update: false trains exactly the plain subset
+    cfg.lanpo.context_in_update = False
+    left_out = up.compute_gradients(samples)
+    grads_left_out = grads_of(up.model)
+    assert left_out["samples/context_left_out"] == 6 and left_out["samples/total"] == 6
+    assert left_out["count/reflection"] == 4  # still scored and reported
+    assert not any(k.startswith(("kind/reflection", "kind/abstraction")) for k in left_out)
+    cfg.lanpo.context_in_update = True
+    only_plain = up.compute_gradients([s for s in samples if not s.context_conditioned])
+    assert left_out["loss"] == only_plain["loss"]
+    ref = grads_of(up.model)
+    assert grads_left_out.keys() == ref.keys()
+    assert all(torch.equal(grads_left_out[k], ref[k]) for k in ref)
+    mixed = up.compute_gradients(samples)  # the context rollouts do change the update when they are in it
+    assert mixed["loss"] != only_plain["loss"]

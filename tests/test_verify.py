@@ -187,8 +187,11 @@ def test_summarize_counts():
     with Verifier() as v:
         scores = v.score_batch([("\\boxed{1}", "1"), ("\\boxed{2}", "1"), ("x", "1"), ("\\boxed{1}", "")])
     summary = summarize(scores)
-    assert summary["n_correct"] == 1 and summary["n_wrong"] == 1 and summary["n_no_answer"] == 1
-    assert summary["n_gold_unparsable"] == 1 and summary["accuracy"] == pytest.approx(1 / 3)
+    assert summary["n_correct"] == 1
+    assert summary["n_wrong"] == 1
+    assert summary["n_no_answer"] == 1
+    assert summary["n_gold_unparsable"] == 1
+    assert summary["accuracy"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------------------------- real reference solutions

@@ -191,7 +191,8 @@ class RolloutConfig(_Section):
     logprobs: Literal["auto", "raw", "processed"] = "auto"
     """Per-token log-probs returned with each completion: `raw` = log-softmax of the unmodified logits (T=1, no
     top-k/top-p), `processed` = of the distribution actually sampled (after temperature, top-k, top-p); `auto` =
-    raw when `grpo.logprob_temperature` is 1.0, else processed (the trainer must score at the same temperature)."""
+    raw when the trainer scores at temperature 1 (`grpo.logprob_temperature`), else processed. A config whose
+    sampling and trainer log-probs would disagree is refused."""
     transformers_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype of the transformers backend's generation (`bfloat16` = bf16 autocast over the fp32 weights);
     `auto` as for `vllm.dtype`."""
@@ -357,8 +358,17 @@ class GrpoConfig(_Section):
     """Write each step's checkpoint in a thread while the next stages run. Off by default: on a 2-core CPU the write
     competes with those stages and the run got slower (docs/defaults.md); with cores to spare it takes the write off
     the critical path. Resume stays exact either way (a checkpoint a kill cut short is written again)."""
-    logprob_temperature: float = Field(1.0, gt=0.0)
-    """Temperature the trainer scores tokens at (TRL `temperature`); rollout `sampling_logprobs` must match (1.0 = raw)."""
+    logprob_temperature: float | Literal["auto"] = "auto"
+    """Temperature the trainer scores tokens at (TRL `temperature`). `auto` = `rollout.temperature`, the behaviour
+    temperature: the policy gradient is taken at the temperature the rollouts were sampled at (as in TRL's
+    GRPOTrainer), and so are the sampling log-probs of the importance weights (`rollout.logprobs: auto` then returns
+    processed log-probs). 1.0 = raw model log-probs (with `rollout.logprobs: raw`)."""
+
+    @model_validator(mode="after")
+    def _positive_temperature(self) -> "GrpoConfig":
+        if self.logprob_temperature != "auto" and not self.logprob_temperature > 0:
+            raise ValueError(f"logprob_temperature must be 'auto' or > 0, got {self.logprob_temperature}")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -433,6 +443,37 @@ class RunConfig(_Section):
 
     source: str | None = Field(None, exclude=True)
     """File the config was read from (set by `load_config`, not by users)."""
+
+    def trainer_temperature(self) -> float:
+        """`grpo.logprob_temperature` with `auto` resolved: the rollouts' sampling temperature (1.0 if greedy)."""
+        if self.grpo.logprob_temperature == "auto":
+            return self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+        return float(self.grpo.logprob_temperature)
+
+    def logprobs_mode(self) -> Literal["raw", "processed"]:
+        """`rollout.logprobs` with `auto` resolved: raw when the trainer scores at temperature 1, else processed."""
+        if self.rollout.logprobs != "auto":
+            return self.rollout.logprobs
+        return "raw" if self.trainer_temperature() == 1.0 else "processed"
+
+    @model_validator(mode="after")
+    def _logprobs_agree(self) -> "RunConfig":
+        # The importance weight divides the trainer's probability by the sampling one; both must be taken from the
+        # same distribution, or the weight measures the mismatch instead of the prompt change.
+        t, mode, r = self.trainer_temperature(), self.logprobs_mode(), self.rollout
+        if mode == "processed" and r.temperature > 0 and t != r.temperature:
+            raise ValueError(f"rollout.logprobs 'processed' are taken at rollout.temperature {r.temperature:g}, but "
+                             f"grpo.logprob_temperature is {t:g}: set it to 'auto' (or to {r.temperature:g})")
+        if mode == "raw" and t != 1.0:
+            raise ValueError(f"rollout.logprobs 'raw' are taken at temperature 1, but grpo.logprob_temperature is "
+                             f"{t:g}: set rollout.logprobs to 'auto' (or 'processed')")
+        reads_sampling = (self.lanpo.offpolicy.correction != "none" and self.lanpo.train_prompt == "plain"
+                          and (self.lanpo.rollout_mix.reflection > 0 or self.lanpo.rollout_mix.abstraction > 0))
+        if mode == "processed" and reads_sampling and (r.top_p < 1.0 or r.top_k > 0):
+            raise ValueError(f"rollout.top_p {r.top_p:g} / rollout.top_k {r.top_k} renormalise the sampled "
+                             "distribution, which the trainer cannot reproduce, so the off-policy weights would be "
+                             "wrong: set rollout.top_p: 1 and rollout.top_k: 0, or lanpo.offpolicy.correction: none")
+        return self
 
     def digest(self) -> str:
         """Stable hash of every setting (cache keys, run ids)."""

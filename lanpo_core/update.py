@@ -160,7 +160,7 @@ def build_grpo_args(config: RunConfig, output_dir: str | Path, **overrides: Any)
         num_generations=2,  # generation is not done by the trainer here; 2 just satisfies GRPOConfig's checks
         steps_per_generation=2,
         max_completion_length=config.rollout.max_new_tokens,
-        temperature=grpo.logprob_temperature,
+        temperature=config.trainer_temperature(),
         learning_rate=grpo.learning_rate,
         lr_scheduler_type=scheduler,
         warmup_steps=grpo.warmup_steps,

@@ -117,3 +117,33 @@ def test_parse_override_values():
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=hello world") == ("a", "hello world")
+
+
+def test_the_trainer_scores_at_the_behaviour_temperature_by_default():
+    cfg = build_config({"rollout": {"temperature": 0.7}})
+    assert cfg.trainer_temperature() == 0.7
+    assert cfg.logprobs_mode() == "processed"  # the sampled distribution, at the same temperature
+    at_one = build_config({"rollout": {"temperature": 1.0}})
+    assert (at_one.trainer_temperature(), at_one.logprobs_mode()) == (1.0, "raw")
+    explicit = build_config({"rollout": {"temperature": 0.7, "logprobs": "raw"}, "grpo": {"logprob_temperature": 1.0}})
+    assert (explicit.trainer_temperature(), explicit.logprobs_mode()) == (1.0, "raw")
+
+
+@pytest.mark.parametrize("tree, keys", [
+    ({"rollout": {"temperature": 0.7, "logprobs": "processed"}, "grpo": {"logprob_temperature": 1.0}},
+     "grpo.logprob_temperature"),
+    ({"rollout": {"temperature": 0.7, "logprobs": "raw"}}, "rollout.logprobs"),
+    ({"rollout": {"temperature": 0.7, "top_p": 0.9}}, "rollout.top_p"),
+    ({"rollout": {"temperature": 0.7, "top_k": 20}}, "rollout.top_k"),
+    ({"grpo": {"logprob_temperature": 0}}, "logprob_temperature"),
+])
+def test_sampling_and_trainer_log_probs_that_disagree_are_refused(tree, keys):
+    with pytest.raises(ConfigError, match=keys.replace(".", r"\.")):
+        build_config(tree)
+
+
+def test_top_p_is_fine_when_no_weight_reads_the_sampling_log_probs():
+    plain_only = {"plain": 1.0, "reflection": 0.0, "abstraction": 0.0}
+    assert build_config({"rollout": {"temperature": 0.7, "top_p": 0.9}, "lanpo": {"rollout_mix": plain_only}})
+    assert build_config({"rollout": {"temperature": 0.7, "top_p": 0.9},
+                         "lanpo": {"offpolicy": {"correction": "none"}}})

@@ -113,7 +113,7 @@ def reference_loss(model, ref_model, samples, cfg: RunConfig) -> torch.Tensor:
         ids = torch.tensor([s.train_prompt_ids + s.completion_ids])
         # logits at positions len(prompt)-1 ... end-1 predict the completion tokens
         logits = model(input_ids=ids, logits_to_keep=len(s.completion_ids) + 1).logits[0, :-1].float()
-        lp = torch.log_softmax(logits / g.logprob_temperature, -1)
+        lp = torch.log_softmax(logits / cfg.trainer_temperature(), -1)
         lp = lp.gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
         w = 1.0
         if s.context_conditioned and cfg.lanpo.train_prompt == "plain":

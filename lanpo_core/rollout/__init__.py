@@ -19,13 +19,12 @@ from typing import Any
 from ..config import RunConfig
 from ..hardware import resolve_dtype
 from .base import (BackendUnavailable, Completion, EngineBase, FinishReason, RenderedPrompt, RolloutEngine,
-                   RolloutError, RolloutRequest, SamplingSpec, derive_seed, iter_model_weights, render_prompt,
-                   resolve_logprobs_mode)
+                   RolloutError, RolloutRequest, SamplingSpec, derive_seed, iter_model_weights, render_prompt)
 from .transformers import TransformersEngine
 
 __all__ = ["BackendUnavailable", "Completion", "EngineBase", "FinishReason", "RenderedPrompt", "RolloutEngine",
            "RolloutError", "RolloutRequest", "SamplingSpec", "TransformersEngine", "derive_seed",
-           "iter_model_weights", "make_engine", "render_prompt", "resolve_logprobs_mode"]
+           "iter_model_weights", "make_engine", "render_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def make_engine(config: RunConfig, model_path: str | None = None, *, model: Any 
         raise RolloutError(f"unknown rollout backend {choice!r}; expected auto, vllm or transformers")
     if model_path is None:
         model_path = resolve_policy(config.model.name_or_path, config.paths.cache_dir).path
-    mode = resolve_logprobs_mode(config)
+    mode = config.logprobs_mode()  # the config refuses one that disagrees with the trainer
     if choice in ("auto", "vllm"):
         from .vllm import VllmEngine, vllm_status
 

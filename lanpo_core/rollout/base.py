@@ -12,9 +12,9 @@ Over-long prompts (`rollout.max_prompt_tokens`, further capped so prompt + `max_
 
 Log-probs (`Completion.logprobs[t]` belongs to `completion_ids[t]`), set per engine by `rollout.logprobs`:
     `raw`: log-softmax of the model's unmodified next-token logits (temperature 1, no top-k/top-p), the standard
-    choice for importance ratios and what the GRPO update scores with at `grpo.logprob_temperature: 1.0`.
+    choice for importance ratios at temperature 1, what the GRPO update scores with at `grpo.logprob_temperature: 1`.
     `processed`: log-prob under the distribution the token was actually drawn from: logits / temperature, then top-k,
-    then top-p, renormalised. `auto` (default) = raw when `grpo.logprob_temperature == 1`, else processed. Greedy
+    then top-p, renormalised. `auto` (default) = raw when the trainer scores at temperature 1, else processed. Greedy
     decoding (temperature 0) gives T=1 log-probs either way. Values come from the engine's own forward pass, so they
     carry its dtype's numerics (bench/rollout.py compares bf16 vLLM with a float32 forward pass).
 
@@ -262,20 +262,6 @@ def eos_token_ids(tokenizer: Any) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
-
-
-def resolve_logprobs_mode(config: RunConfig) -> Literal["raw", "processed"]:
-    """`rollout.logprobs`, with `auto` resolved against `grpo.logprob_temperature` (see the module doc)."""
-    mode = config.rollout.logprobs
-    lt = getattr(getattr(config, "grpo", None), "logprob_temperature", 1.0)
-    if mode == "auto":
-        mode = "raw" if lt == 1.0 else "processed"
-    if mode == "processed" and lt != config.rollout.temperature:
-        log.warning("rollout.logprobs is 'processed' (temperature %.3g) but grpo.logprob_temperature is %.3g: the "
-                    "importance ratios will compare different temperatures", config.rollout.temperature, lt)
-    if mode == "raw" and lt != 1.0:
-        log.warning("rollout.logprobs is 'raw' (temperature 1) but grpo.logprob_temperature is %.3g", lt)
-    return mode
 
 
 def iter_model_weights(model: Any) -> Iterator[tuple[str, Any]]:

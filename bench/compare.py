@@ -5,8 +5,8 @@
     .venv/bin/python bench/compare.py --seeds 0 --variants lanpo,grpo --steps 2 --out /tmp/c --report /tmp/c/r.md
 
 One command regenerates everything: each run is a real `lanpo-train` flow (ephemeral Prefect API, MLflow, LanceDB
-pool) in its own process, its summary saved under `--out`; a run whose summary exists is not repeated (delete the
-folder to start over). Runs differ only in what the variant changes (`VARIANTS`) and in `seed`, which sets the data
+pool) in its own process, its summary saved under `--out`; a run whose summary exists and came from the same code
+(tasks/provenance.py's code digest) is not repeated (delete the folder to start over). Runs differ only in what the variant changes (`VARIANTS`) and in `seed`, which sets the data
 order and the sampling seeds; the model, G, B, learning rate, step count and token budgets are those of
 configs/tiny-cpu.yaml for all. Both methods generate G rollouts per problem per step, so rollouts are equal by
 construction; generated tokens differ (context prompts change answer lengths, and LANPO's abstractor writes lessons)
@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tasks.provenance import code_digest  # noqa: E402  (the repository root is on the path from here on)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,7 +81,10 @@ def run_job(name: str, args: list[str], out: Path, extra: list[str]) -> dict | N
     """Run one worker in its own process (a crash costs that run only); its result is `<out>/<name>.json`."""
     target = out / f"{name}.json"
     if target.exists():
-        return json.loads(target.read_text())
+        done = json.loads(target.read_text())
+        if done.get("code_digest") == code_digest():
+            return done
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: its result came from other code; running it again", flush=True)
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -399,6 +403,7 @@ def main() -> None:
         steps = int(args.worker[2]) if len(args.worker) > 2 and args.worker[2] != "-" else None
         result = (worker_base(seed, steps, out, args.set) if kind == "base"
                   else worker_train(kind, seed, steps, out, args.set))
+        result["code_digest"] = code_digest()  # a result is reused only by the same code
         name = f"{kind}-s{seed}"
         (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
         return

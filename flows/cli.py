@@ -139,7 +139,11 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from flows import train as train_flow
 
     steps = cfg.grpo.steps
-    log = None if verbose else train_flow.run_folder(cfg, run_name) / "lanpo.log"
+    if verbose:
+        log = None
+    else:
+        with user_errors():  # a missing data file or model is reported here, before the log file exists
+            log = train_flow.run_folder(cfg, run_name, train_flow.check_inputs(cfg).provenance) / "lanpo.log"
     out, err = (sys.stdout, sys.stderr) if log is None else _output_to_log(log)
     if log is not None:
         typer.echo(f"lanpo train: {steps} step(s); library logs go to {log}", file=out)

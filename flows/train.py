@@ -49,6 +49,7 @@ from lanpo_core.config import RunConfig, build_config, load_config
 from lanpo_core.runtime import PolicyRef, data_dir
 from lanpo_core.step import eval_due, problems_for_step
 from tasks import tracking
+from tasks.provenance import Provenance, model_fingerprint, provenance
 from tasks.resources import RunHandle, release
 from tasks.stages import build_feedback, evaluate_policy, generate_rollouts, score, update_policy, write_pool
 
@@ -94,15 +95,17 @@ def resolve_config_path(config: str) -> str:
     return str(path.resolve()) if path.is_file() else config
 
 
-def run_folder(cfg: RunConfig, run_name: str | None) -> Path:
-    """runs/<name>-<config digest>: same config + overrides + name = same run (resumed, or completed from cache)."""
+def run_folder(cfg: RunConfig, run_name: str | None, inputs: Provenance) -> Path:
+    """runs/<name>-<digest of config and inputs>: the same config, overrides, name, code, data and models give the
+    same run (resumed, or completed from cache); a change to any of them starts a new one."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or cfg.name).strip("-") or "run"
-    return (Path(cfg.paths.runs_dir) / f"{slug}-{cfg.digest()[:8]}").resolve()
+    digest = hashlib.sha256(f"{cfg.digest()}|{inputs.digest()}".encode()).hexdigest()[:8]
+    return (Path(cfg.paths.runs_dir) / f"{slug}-{digest}").resolve()
 
 
-def open_run(cfg: RunConfig, run_name: str | None) -> RunHandle:
+def open_run(cfg: RunConfig, run_name: str | None, inputs: Provenance) -> RunHandle:
     """The run's identity and folder."""
-    run_dir = run_folder(cfg, run_name)
+    run_dir = run_folder(cfg, run_name, inputs)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(_yaml(cfg))
     return RunHandle.for_run(cfg, run_dir)
@@ -114,15 +117,26 @@ def _yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def check_inputs(cfg: RunConfig) -> list:
-    """Fail before the first stage on what would fail later: data files, model specs. Returns the training problems."""
+@dataclass(frozen=True)
+class Inputs:
+    train: list
+    """The training problems."""
+    provenance: Provenance
+    """Digests of the code, the problem sets and the models (part of the run's identity)."""
+
+
+def check_inputs(cfg: RunConfig) -> Inputs:
+    """Fail before the first stage on what would fail later: data files, model specs. Returns the training problems
+    and the run's provenance."""
     from lanpo_core.data import load_problems
     from lanpo_core.models import resolve_embedder, resolve_policy
 
-    train, *_ = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
-    resolve_policy(cfg.model.name_or_path, cfg.paths.cache_dir)  # prepares the bundled model on first use
-    resolve_embedder(cfg.pool.embedding_model)
-    return train.problems
+    sets = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
+    policy = resolve_policy(cfg.model.name_or_path, cfg.paths.cache_dir)  # prepares the bundled model on first use
+    embedder = resolve_embedder(cfg.pool.embedding_model)
+    models = [model_fingerprint(policy.spec, policy.path, policy.kind, cfg.model.revision),
+              model_fingerprint(embedder.spec, embedder.path, embedder.kind)]
+    return Inputs(sets[0].problems, provenance([(f"{i}:{s.name}", s.problems) for i, s in enumerate(sets)], models))
 
 
 def result_storage(run: RunHandle) -> LocalFileSystem:
@@ -161,13 +175,15 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
     """
     logger = get_run_logger()
     cfg = _config(config, list(overrides or []))
-    train_problems = check_inputs(cfg)
-    run = open_run(cfg, run_name)
+    inputs = check_inputs(cfg)
+    train_problems = inputs.train
+    run = open_run(cfg, run_name, inputs.provenance)
     logger.info("run %s in %s", run.key, run.run_dir)
 
     policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
     try:
-        with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=_prefect_tags()) as mlflow_run_id:
+        tags = {**_prefect_tags(), **inputs.provenance.tags()}
+        with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=tags) as mlflow_run_id:
             stage = _Stages(run, mlflow_run_id)
             if cfg.eval.at_start:  # the "before" of the run's accuracy; cached like every stage
                 before = stage(evaluate_policy, policy)
@@ -184,6 +200,7 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
             summary = {"run_key": run.key, "run_dir": run.run_dir, "mlflow_run_id": mlflow_run_id,
                        "mlflow_tracking_uri": tracking.tracking_uri(cfg), "checkpoint": policy.path,
                        "checkpoint_checksum": policy.checksum, "steps": policy.step, "pool_version": pool_version,
+                       "inputs_digest": inputs.provenance.digest(),
                        **_no_times(evals)}
             if before:
                 summary["eval_before"] = _no_times(before)

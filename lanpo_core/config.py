@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUNDLED_POLICY = "smollm2-135m-instruct"
 BUNDLED_EMBEDDER = "all-minilm-l6-v2"
@@ -267,15 +267,27 @@ class AbstractionConfig(_Section):
 
 
 class OffPolicyConfig(_Section):
-    correction: Literal["truncated_is", "none"] = "truncated_is"
-    """Importance weight for context-sampled responses trained under the plain prompt (METHOD.md step 8)."""
+    correction: Literal["none", "sequence_truncated", "token_truncated", "geometric", "shaped"] = "token_truncated"
+    """Weight of context-sampled responses trained under the plain prompt (METHOD.md step 8; formulas and the
+    measurements behind the default: docs/update.md, "Off-policy estimators")."""
     max_ratio: float = Field(2.0, ge=1.0)
-    """Truncation of the per-sequence importance ratio."""
+    """Cap on the importance ratio (per sequence, or per token for `token_truncated`)."""
+    shaping_gamma: float = Field(0.1, gt=0.0)
+    """g of the `shaped` estimator w_t = (1 + g) r_t / (r_t + g): smaller g keeps more weight on tokens the plain
+    prompt finds unlikely."""
     negative_advantage: Literal["drop", "keep"] = "drop"
     """`drop` zeroes the weight of context-sampled responses with negative advantage."""
     min_context_mass_frac: float = Field(0.1, ge=0.0)
     """Warn (one log line per step) when the context kinds' weight mass sum |A w| is below this fraction of the plain
     kind's: the context rollouts then barely move the update. 0 disables the warning; it never changes training."""
+
+    @field_validator("correction", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if value == "truncated_is":
+            raise ValueError("`truncated_is` was renamed `sequence_truncated` (2026-12-02); the estimators are none, "
+                             "sequence_truncated, token_truncated, geometric and shaped")
+        return value
 
 
 class LanpoConfig(_Section):

@@ -58,7 +58,7 @@ def evaluate_zero_shot(engine: RolloutEngine, benchmarks: dict[str, Sequence[Any
         problems = _limited(problems, ev.limit)
         for mode, n, temperature in modes:
             sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=temperature,
-                                                max_new_tokens=ev.max_new_tokens)
+                                                max_new_tokens=ev.max_new_tokens, logprobs=False)
             requests = [RolloutRequest(messages=solve_messages(p.question, cfg.prompts), n=n,
                                        tags={"problem_id": p.id}) for p in problems]
             completions = engine.generate(requests, sampling)
@@ -81,7 +81,8 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
     ev = cfg.eval
     predictions: list[Prediction] = []
     stats: dict[str, float] = {}
-    sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0, max_new_tokens=ev.max_new_tokens)
+    sampling = SamplingSpec.from_config(cfg, seed=seed, temperature=0.0, max_new_tokens=ev.max_new_tokens,
+                                        logprobs=False)
     for name, problems in benchmarks.items():
         problems = [replace(p, id=f"eval/{name}/{p.id}") for p in _limited(problems, ev.limit)]
         original = {p.id: p.id.removeprefix(f"eval/{name}/") for p in problems}

@@ -1,13 +1,15 @@
 """The parts of the LANPO loss that TRL's GRPO loss cannot express, as pure tensor functions (METHOD.md step 8).
 
-update.py hands TRL the weighted advantage A'_i = w_i * A_i of every sequence; TRL's clipped per-token loss and its
-aggregation do the rest. The formulas and why they depart from textbook GRPO: docs/update.md. An off-policy
-correction is one branch of `offpolicy_weight`, named like its `lanpo.offpolicy.correction` value.
+update.py hands TRL the weighted advantage A'_it = w_it * A_i of every completion token; TRL's clipped per-token
+loss and its aggregation do the rest. The formulas and why they depart from textbook GRPO: docs/update.md. An off-policy
+correction is one branch of `offpolicy_weight`, named like its `lanpo.offpolicy.correction` value; its weight
+multiplies the advantage per token (a per-sequence weight is the same on every token).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -99,30 +101,75 @@ def dropped_negatives(advantages: torch.Tensor, off_policy: torch.Tensor, rule: 
     raise ValueError(f"lanpo.offpolicy.negative_advantage: expected drop or keep, got {rule!r}")
 
 
+CORRECTIONS = ("none", "sequence_truncated", "token_truncated", "geometric", "shaped")
+"""The values of `lanpo.offpolicy.correction`, one branch each in `offpolicy_weight`."""
+
+
 def needs_sampling_logps(correction: str) -> bool:
-    """Whether `offpolicy_weight` reads the sequence log-ratio (and so the rollouts' sampling log-probs)."""
+    """Whether `offpolicy_weight` reads the log-ratios (and so the rollouts' sampling log-probs)."""
     return correction != "none"
 
 
-def sequence_log_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log pi_old(y|q_train) - log mu(y|q_sample) = sum_t (train_logps_t - sampling_logps_t) over the last axis,
-    counting only tokens with mask_t and a finite sampling log-prob (a missing one contributes 0, as in TRL)."""
+def token_log_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """delta_t = log pi_old(y_t|q_train, y_<t) - log mu(y_t|q_sample, y_<t) per completion token, 0 where mask_t
+    is 0 or the sampling log-prob is missing (NaN: it contributes no correction, as in TRL)."""
     valid = mask.bool() & torch.isfinite(sampling_logps)
-    per_token = torch.where(valid, train_logps.float() - torch.where(valid, sampling_logps, 0.0), 0.0)
-    return per_token.sum(-1)
+    return torch.where(valid, train_logps.float() - torch.where(valid, sampling_logps, 0.0), 0.0)
 
 
-def offpolicy_weight(correction: str, log_ratio: torch.Tensor, max_ratio: float) -> torch.Tensor:
-    """The detached per-sequence weight w of an off-policy response (trained under another prompt than it was
-    sampled from), one branch per `lanpo.offpolicy.correction`:
+def sequence_log_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi_old(y|q_train) - log mu(y|q_sample) = sum_t delta_t over the last axis (`token_log_ratio`)."""
+    return token_log_ratio(train_logps, sampling_logps, mask).sum(-1)
 
-    truncated_is  w = min(exp(log_ratio), max_ratio)   (exp(min(log_ratio, log max_ratio)): no overflow)
-    none          w = 1"""
-    if correction == "truncated_is":
-        return torch.exp(torch.clamp(log_ratio, max=math.log(max_ratio)))
+
+@dataclass
+class OffPolicyWeight:
+    """What `offpolicy_weight` returns for B sequences of C completion tokens."""
+
+    tokens: torch.Tensor
+    """(B, C) the detached weight w_t that multiplies the advantage of token t (1 on padding)."""
+    sequence: torch.Tensor
+    """(B,) the token mean of w_t over the completion: the factor on the sequence's share of the loss."""
+    truncated_frac: torch.Tensor
+    """(B,) share of the completion's tokens whose weight was capped at max_ratio."""
+
+
+def offpolicy_weight(correction: str, train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                     max_ratio: float, shaping_gamma: float) -> OffPolicyWeight:
+    """The detached weight of an off-policy response y (sampled from mu(.|q_sample), trained as pi(y|q_train)), one
+    branch per `lanpo.offpolicy.correction`; delta_t from `token_log_ratio`, L = the completion's token count,
+    C = max_ratio, g = shaping_gamma (formulas and sources: docs/update.md, "Off-policy estimators"):
+
+    none                w_t = 1
+    sequence_truncated  w_t = min(exp(sum_t delta_t), C)           per sequence (truncated IS)
+    geometric           w_t = min(exp(sum_t delta_t / L), C)       per sequence (GSPO's length-normalised ratio)
+    token_truncated     w_t = min(exp(delta_t), C)                 per token (TRL's token_truncate)
+    shaped              w_t = (1 + g) r_t / (r_t + g), r_t = exp(delta_t)   per token (LUFFY-style shaping)
+
+    Every min(exp(x), C) is computed as exp(min(x, log C)), and r / (r + g) as sigmoid(delta - log g): no
+    overflow."""
+    mask = mask.bool()
+    delta = token_log_ratio(train_logps, sampling_logps, mask)
+    length = mask.sum(-1).clamp(min=1)
+    log_cap = math.log(max_ratio)
     if correction == "none":
-        return torch.ones_like(log_ratio)
-    raise ValueError(f"lanpo.offpolicy.correction: expected truncated_is or none, got {correction!r}")
+        log_w, capped = torch.zeros_like(delta), torch.zeros_like(mask)
+    elif correction in ("sequence_truncated", "geometric"):
+        seq = delta.sum(-1) if correction == "sequence_truncated" else delta.sum(-1) / length
+        log_w, capped = seq[:, None].clamp(max=log_cap).expand_as(delta), (seq > log_cap)[:, None].expand_as(mask)
+    elif correction == "token_truncated":
+        log_w, capped = delta.clamp(max=log_cap), delta > log_cap
+    elif correction == "shaped":
+        if shaping_gamma <= 0:
+            raise ValueError(f"lanpo.offpolicy.shaping_gamma: expected > 0, got {shaping_gamma}")
+        weight = (1 + shaping_gamma) * torch.sigmoid(delta - math.log(shaping_gamma))
+        log_w, capped = torch.log(weight), torch.zeros_like(mask)
+    else:
+        raise ValueError(f"lanpo.offpolicy.correction: expected one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    tokens = torch.where(mask, torch.exp(log_w), 1.0)
+    sequence = torch.where(mask, tokens, 0.0).sum(-1) / length
+    truncated = (capped & mask).sum(-1) / length
+    return OffPolicyWeight(tokens, sequence, truncated.float())
 
 
 def has_signal(advantages: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -149,3 +196,27 @@ def effective_sample_size_frac(weights: torch.Tensor) -> float:
 def weight_mass(advantages: torch.Tensor, weights: torch.Tensor) -> float:
     """sum_i |A_i * w_i|: how much the sequences move the loss (the advantages TRL receives, in absolute value)."""
     return float((advantages.double() * weights.double()).abs().sum())
+
+
+def kind_diagnostics(kinds: Sequence[str], advantages: torch.Tensor, weights: torch.Tensor, dropped: torch.Tensor
+                     ) -> dict[str, dict[str, float]]:
+    """Per rollout kind, how much of the update it carries (docs/update.md, "Per-kind diagnostics"). `weights`
+    (N,) is the final w of each sequence (0 for a dropped negative); S = the kind's trained sequences with signal
+    (A != 0, not dropped), P = those of S with A > 0."""
+    adv, w = advantages.double(), weights.double()
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        signal = [i for i in idx if adv[i] != 0 and not dropped[i]]
+        positive = [i for i in signal if adv[i] > 0]
+        out[kind] = {
+            "weight_mean": float(w[signal].mean()) if signal else 1.0,
+            "ess_frac": effective_sample_size_frac(w[signal]),
+            "weight_mass": weight_mass(adv[idx], w[idx]),
+            "adv_sum": float(adv[idx].sum()),
+            "dropped_negatives": float(dropped[idx].sum()),
+            "trained": float(len(signal)),
+            "positive": float(len(positive)),
+            "positive_mass": weight_mass(adv[positive], w[positive]),
+        }
+    return out

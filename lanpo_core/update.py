@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 import warnings
 from collections import defaultdict
@@ -39,8 +38,9 @@ from .checkpoint import (
 from .config import RunConfig
 from .hardware import resolve_bf16
 from .logprobs import completion_logps
-from .loss import (baseline_advantages, dropped_negatives, effective_sample_size_frac, group_members, has_signal,
-                   needs_sampling_logps, offpolicy_weight, plain_baseline_members, sequence_log_ratio, weight_mass)
+from .loss import (CORRECTIONS, baseline_advantages, dropped_negatives, effective_sample_size_frac, group_members,
+                   has_signal, kind_diagnostics, needs_sampling_logps, offpolicy_weight, plain_baseline_members,
+                   sequence_log_ratio, token_log_ratio)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,10 @@ class _Prepared:
     """Per weighted off-policy sequence (by update-sample index): log pi_old(y|q_train) - log mu(y|q_sample), filled
     in the training forward when the weight is computed there."""
     is_weights: dict[int, float]
-    """The importance weight w applied to those sequences, filled with `log_ratios`."""
+    """The weight applied to those sequences (its token mean, `OffPolicyWeight.sequence`), filled with
+    `log_ratios`."""
+    truncated: dict[int, float]
+    """Their share of capped tokens, filled with `log_ratios`."""
     kinds: list[str]
     """Per update sample, its kind (for the per-kind metrics)."""
     advantages: torch.Tensor
@@ -230,8 +233,8 @@ class _Prepared:
     """(N,) bool: dropped negatives (w = 0)."""
 
     def final_weights(self) -> torch.Tensor:
-        """(N,) the w that multiplies each advantage: 0 for a dropped negative, the importance weight where one was
-        applied, else 1. Complete only after the first pass when the weights come from the training forward."""
+        """(N,) the w that multiplies each advantage: 0 for a dropped negative, the off-policy weight (token mean)
+        where one was applied, else 1. Complete only after the first pass when the weights come from the training forward."""
         w = (~self.dropped).double()
         for i, value in self.is_weights.items():
             w[i] = value
@@ -414,6 +417,84 @@ class PolicyUpdater:
                              f"log-prob per completion token ({n_tokens}), got {None if values is None else len(values)}")
         return torch.tensor([float("nan") if x is None else float(x) for x in values], dtype=torch.float32)
 
+    def _advantages(self, samples: Sequence[RolloutSample]):
+        """The advantage rules (loss.py) on update samples: (groups, A, zero-variance and baseline-fallback flags
+        per group, off-policy and dropped-negative flags per sample)."""
+        grpo, lanpo = self.config.grpo, self.config.lanpo
+        rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards must be finite (an unscorable rollout should not reach the update)")
+        groups = group_members([s.group_id for s in samples])
+        if lanpo.baseline == "plain_only":
+            baselines = plain_baseline_members(groups, [not s.context_conditioned for s in samples])
+        elif lanpo.baseline == "group":
+            baselines = groups
+        else:
+            raise ValueError(f"lanpo.baseline: expected group or plain_only, got {lanpo.baseline!r}")
+        advantages, zero_variance, fallback = baseline_advantages(rewards, groups, baselines, grpo.scale_rewards)
+        off_policy = torch.tensor([s.context_conditioned and lanpo.train_prompt == "plain" for s in samples],
+                                  dtype=torch.bool)
+        dropped = dropped_negatives(advantages, off_policy, lanpo.offpolicy.negative_advantage)
+        return groups, advantages, zero_variance, fallback, off_policy, dropped
+
+    @torch.no_grad()
+    def offpolicy_diagnostics(self, samples: Sequence[RolloutSample], corrections: Sequence[str] = CORRECTIONS
+                              ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+        """What each off-policy estimator would give on a step's samples, without training. One no-grad forward
+        of every sample with sampling log-probs, under its training prompt, with the trainer's kernel and precision
+        at the current weights (pi_old). Returns
+
+        * per correction, per kind: `loss.kind_diagnostics`, plus `weight_mean_all` and `ess_frac_all` over all the
+          kind's weighted sequences whatever their advantage, and `truncated_frac` over the trained ones (as the
+          update logs it);
+        * per kind, the log-ratio log pi_old(y|q_train) - log mu(y|q_sample): `token_mean` (per token) and
+          `sequence_median`. For plain rollouts (same prompt) it measures the engine-trainer mismatch alone, which
+          should be ~0: a temperature or precision mismatch shows here first."""
+        setting = self.config.lanpo.offpolicy
+        self.model.train()
+        _, advantages, _, _, off_policy, dropped = self._advantages(samples)
+        kinds = [s.kind for s in samples]
+        scored = [i for i, s in enumerate(samples) if s.sampling_logprobs is not None]
+        train: dict[int, torch.Tensor] = {}
+        size = self.config.grpo.micro_batch_size
+        for k in range(0, len(scored), size):
+            rows = scored[k:k + size]
+            batch = self._pad([samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows])
+            logps = self._token_logps(self.model, batch)
+            for row, i in enumerate(rows):
+                train[i] = logps[row, : len(samples[i].completion_ids)].cpu()
+        sampling = {i: self._sampling_logps(samples, i) for i in scored}
+        ratios: dict[str, dict[str, float]] = {}
+        for kind in sorted(set(kinds)):
+            mine = [i for i in scored if kinds[i] == kind]
+            if mine:
+                deltas = [token_log_ratio(train[i], sampling[i], torch.ones(len(train[i]))) for i in mine]
+                ratios[kind] = {"token_mean": float(torch.cat(deltas).mean()),
+                                "sequence_median": float(torch.stack([d.sum() for d in deltas]).median())}
+        weighted = [i for i in off_policy.nonzero()[:, 0].tolist() if i in train]
+        if len(weighted) < int(off_policy.sum()):
+            raise ValueError("offpolicy_diagnostics: every off-policy sample needs sampling log-probs")
+        estimators: dict[str, dict[str, dict[str, float]]] = {}
+        for correction in corrections:
+            estimated = {i: offpolicy_weight(correction, train[i][None], sampling[i][None],
+                                             torch.ones(1, len(train[i])), setting.max_ratio, setting.shaping_gamma)
+                         for i in weighted}
+            w = (~dropped).double()
+            for i, weight in estimated.items():
+                if not dropped[i]:
+                    w[i] = float(weight.sequence[0])
+            figures = kind_diagnostics(kinds, advantages, w, dropped)
+            for kind, row in figures.items():
+                every = torch.tensor([float(estimated[i].sequence[0]) for i in weighted if kinds[i] == kind],
+                                     dtype=torch.float64)
+                trained = [float(estimated[i].truncated_frac[0]) for i in weighted
+                           if kinds[i] == kind and advantages[i] != 0 and not dropped[i]]
+                row["weight_mean_all"] = float(every.mean()) if every.numel() else 1.0
+                row["ess_frac_all"] = effective_sample_size_frac(every)
+                row["truncated_frac"] = sum(trained) / len(trained) if trained else 0.0
+            estimators[correction] = figures
+        return estimators, ratios
+
     def _prepare(self, samples: Sequence[RolloutSample]) -> _Prepared:
         """The LANPO rules (loss.py) on a step's rollouts: advantages, weights and padded micro-batches for TRL."""
         grpo, lanpo = self.config.grpo, self.config.lanpo
@@ -427,27 +508,13 @@ class PolicyUpdater:
         if n == 0:  # every group unusable or refused: nothing to train, the step still counts (like zero variance)
             return _Prepared(0, [], {"samples/total": 0.0, "samples/trained": 0.0, "tokens/total": 0.0,
                                      "samples/context_left_out": float(left_out)}, {}, {}, [],
-                             torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+                             {}, torch.zeros(0), torch.zeros(0, dtype=torch.bool))
         for i, s in enumerate(samples):
             if not s.completion_ids:
                 raise ValueError(f"sample {i} (group {s.group_id}) has an empty completion")
             if not s.train_prompt_ids:
                 raise ValueError(f"sample {i} (group {s.group_id}) has an empty training prompt")
-        rewards = torch.tensor([float(s.reward) for s in samples], dtype=torch.float32)
-        if not torch.isfinite(rewards).all():
-            raise ValueError("rewards must be finite (an unscorable rollout should not reach the update)")
-
-        groups = group_members([s.group_id for s in samples])
-        if lanpo.baseline == "plain_only":
-            baselines = plain_baseline_members(groups, [not s.context_conditioned for s in samples])
-        elif lanpo.baseline == "group":
-            baselines = groups
-        else:
-            raise ValueError(f"lanpo.baseline: expected group or plain_only, got {lanpo.baseline!r}")
-        advantages, zero_variance, fallback = baseline_advantages(rewards, groups, baselines, grpo.scale_rewards)
-        off_policy = torch.tensor([s.context_conditioned and lanpo.train_prompt == "plain" for s in samples],
-                                  dtype=torch.bool)
-        dropped = dropped_negatives(advantages, off_policy, lanpo.offpolicy.negative_advantage)
+        groups, advantages, zero_variance, fallback, off_policy, dropped = self._advantages(samples)
         signal = has_signal(advantages, dropped)
         weighted_advantages = advantages * (~dropped).float()  # w = 0 for a dropped negative, else 1 so far
         # the off-policy sequences whose w needs log pi_old(y|q_train) - log mu(y|q_sample)
@@ -468,11 +535,14 @@ class PolicyUpdater:
         weight_in_forward = grpo.num_iterations == 1
         log_ratios: dict[int, float] = {}
         is_weights: dict[int, float] = {}
+        truncated: dict[int, float] = {}
         micro_batches = []
         for rows in chunks:
             batch = self._pad([samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows])
             inputs = dict(batch)
-            inputs["advantages"] = weighted_advantages[rows].to(self.device)
+            # (B, C): TRL accepts per-token advantages, which a per-token off-policy weight needs
+            width = batch["completion_ids"].size(1)
+            inputs["advantages"] = weighted_advantages[rows, None].expand(-1, width).contiguous().to(self.device)
             accumulation_steps = n / len(rows)
             # dapo normalises by num_items_in_batch * current accumulation count / steps_per_generation: make that
             # the step's completion-token count
@@ -487,7 +557,7 @@ class PolicyUpdater:
                 inputs["old_per_token_logps"] = self._token_logps(self.model, batch)
                 if offpolicy_rows is not None:
                     self._apply_offpolicy_weights(inputs["advantages"], inputs["old_per_token_logps"],
-                                                  offpolicy_rows, log_ratios, is_weights)
+                                                  offpolicy_rows, log_ratios, is_weights, truncated)
                     offpolicy_rows = None
             micro_batches.append(_MicroBatch(inputs, accumulation_steps, int(batch["completion_mask"].sum()),
                                              offpolicy_rows))
@@ -496,8 +566,8 @@ class PolicyUpdater:
                                       nan_tokens, trained_idx, total_tokens)
         metrics["baseline_fallback_groups"] = float(fallback.sum())
         metrics["samples/context_left_out"] = float(left_out)
-        return _Prepared(n, micro_batches, metrics, log_ratios, is_weights, [s.kind for s in samples], advantages,
-                         dropped)
+        return _Prepared(n, micro_batches, metrics, log_ratios, is_weights, truncated, [s.kind for s in samples],
+                         advantages, dropped)
 
     def _offpolicy_rows(self, rows: list[int], corrected: torch.Tensor, sampling_logps: dict[int, torch.Tensor],
                         batch: dict[str, torch.Tensor]) -> _OffPolicyRows | None:
@@ -512,18 +582,23 @@ class PolicyUpdater:
         return _OffPolicyRows(selected.to(self.device), list(rows), padded.to(self.device), batch["completion_mask"])
 
     def _apply_offpolicy_weights(self, advantages: torch.Tensor, train_logps: torch.Tensor, offpolicy: _OffPolicyRows,
-                                 log_ratios: dict[int, float], is_weights: dict[int, float]) -> None:
-        """advantages *= w on the off-policy rows, w = loss.offpolicy_weight of their sequence log-ratio, with
-        log pi_old = `train_logps` (the training forward's own detached log-probs when num_iterations == 1).
-        Records each row's log-ratio and w under its sample index."""
+                                 log_ratios: dict[int, float], is_weights: dict[int, float],
+                                 truncated: dict[int, float]) -> None:
+        """advantages (B, C) *= w_t on the off-policy rows, w = loss.offpolicy_weight, with log pi_old =
+        `train_logps` (the training forward's own detached log-probs when num_iterations == 1). Records each row's
+        sequence log-ratio, mean weight and capped share under its sample index."""
         setting = self.config.lanpo.offpolicy
         with torch.no_grad():
-            log_ratio = sequence_log_ratio(train_logps.detach(), offpolicy.sampling_logps, offpolicy.mask)
-            weight = offpolicy_weight(setting.correction, log_ratio, setting.max_ratio)
-            advantages.mul_(torch.where(offpolicy.rows, weight, torch.ones_like(weight)))
+            train_logps = train_logps.detach()
+            log_ratio = sequence_log_ratio(train_logps, offpolicy.sampling_logps, offpolicy.mask)
+            weight = offpolicy_weight(setting.correction, train_logps, offpolicy.sampling_logps, offpolicy.mask,
+                                      setting.max_ratio, setting.shaping_gamma)
+            advantages.mul_(torch.where(offpolicy.rows[:, None], weight.tokens, 1.0))
             for row in offpolicy.rows.nonzero()[:, 0].tolist():
-                log_ratios[offpolicy.index[row]] = float(log_ratio[row])
-                is_weights[offpolicy.index[row]] = float(weight[row])
+                i = offpolicy.index[row]
+                log_ratios[i] = float(log_ratio[row])
+                is_weights[i] = float(weight.sequence[row])
+                truncated[i] = float(weight.truncated_frac[row])
 
     def _forward_backward(self, prep: _Prepared) -> tuple[float, dict[str, float]]:
         """One pass over the micro-batches through TRL's training_step (loss + backward). Returns (loss, metrics)."""
@@ -536,7 +611,7 @@ class PolicyUpdater:
                 rows, mb.offpolicy = mb.offpolicy, None
                 trainer._lanpo_logps_hook = functools.partial(self._apply_offpolicy_weights, mb.inputs["advantages"],
                                                               offpolicy=rows, log_ratios=prep.log_ratios,
-                                                              is_weights=prep.is_weights)
+                                                              is_weights=prep.is_weights, truncated=prep.truncated)
             total += float(trainer.training_step(self.model, dict(mb.inputs), None))
             if trainer._lanpo_logps_hook is not None:
                 trainer._lanpo_logps_hook = None
@@ -602,19 +677,18 @@ class PolicyUpdater:
         out: dict[str, float] = {"is/n": float(len(prep.log_ratios))}
         if prep.log_ratios:
             lr = torch.tensor(list(prep.log_ratios.values()), dtype=torch.float64)
-            setting = self.config.lanpo.offpolicy
-            log_max = math.log(setting.max_ratio)
-            w = offpolicy_weight(setting.correction, lr, setting.max_ratio)
+            w = torch.tensor(list(prep.is_weights.values()), dtype=torch.float64)
             out["is/log_ratio_mean"] = float(lr.mean())
-            out["is/ratio_mean"] = float(torch.exp(torch.clamp(lr, max=50.0)).mean())  # before truncation
+            # the raw sequence ratio, whatever the estimator
+            out["is/ratio_mean"] = float(torch.exp(torch.clamp(lr, max=50.0)).mean())
             out["is/ratio_max"] = float(torch.exp(torch.clamp(lr.max(), max=50.0)))
-            out["is/weight_mean"] = float(w.mean())  # after truncation: what multiplies the advantage
+            out["is/weight_mean"] = float(w.mean())  # the estimator's weight (token mean): what multiplies A
             out["is/weight_min"] = float(w.min())
-            out["is/truncated_frac"] = float((lr > log_max).double().mean())
+            out["is/truncated_frac"] = sum(prep.truncated.values()) / len(prep.truncated)
         else:
             out.update({"is/ratio_mean": 1.0, "is/ratio_max": 1.0, "is/weight_mean": 1.0, "is/truncated_frac": 0.0})
         # the advantages after LANPO weighting (also after the deferred importance weights)
-        eff = sum(float(mb.inputs["advantages"].abs().sum()) for mb in prep.micro_batches)
+        eff = float((prep.advantages.double() * prep.final_weights()).abs().sum()) if prep.n_samples else 0.0
         out["adv_weighted/abs_mean"] = eff / max(1, prep.n_samples)
         out.update(self._kind_metrics(prep))
         return out
@@ -627,23 +701,12 @@ class PolicyUpdater:
         if prep.n_samples == 0:
             return out
         setting = self.config.lanpo.offpolicy
-        log_max = math.log(setting.max_ratio)
-        w = prep.final_weights()
-        adv = prep.advantages.double()
         mass: dict[str, float] = {}
-        for kind in sorted(set(prep.kinds)):
-            idx = [i for i, k in enumerate(prep.kinds) if k == kind]
-            signal = [i for i in idx if adv[i] != 0]  # a zero advantage carries no weight to measure
-            w_signal = w[signal]
-            weighted = [i for i in idx if i in prep.log_ratios]
-            prefix = f"kind/{kind}/"
-            out[prefix + "weight_mean"] = float(w_signal.mean()) if signal else 1.0
-            out[prefix + "ess_frac"] = effective_sample_size_frac(w_signal)
-            mass[kind] = out[prefix + "weight_mass"] = weight_mass(adv[idx], w[idx])
-            out[prefix + "adv_sum"] = float(adv[idx].sum())
-            out[prefix + "truncated_frac"] = (sum(prep.log_ratios[i] > log_max for i in weighted) / len(weighted)
-                                              if weighted else 0.0)
-            out[prefix + "dropped_negatives"] = float(prep.dropped[idx].sum())
+        for kind, figures in kind_diagnostics(prep.kinds, prep.advantages, prep.final_weights(), prep.dropped).items():
+            weighted = [i for i, k in enumerate(prep.kinds) if k == kind and i in prep.truncated]
+            figures["truncated_frac"] = sum(prep.truncated[i] for i in weighted) / len(weighted) if weighted else 0.0
+            out.update({f"kind/{kind}/{name}": value for name, value in figures.items()})
+            mass[kind] = figures["weight_mass"]
         context = {k: v for k, v in mass.items() if k != "plain"}
         plain_mass = mass.get("plain", 0.0)
         if context and sum(context.values()) < setting.min_context_mass_frac * plain_mass:

@@ -74,3 +74,29 @@ def test_mechanism_check_abstraction_carries_the_missing_convention(tmp_path):
     assert extractive["lessons"] == ["The Lumen result of two numbers is their sum."]
     assert extractive["guard_dropped"] == 0
     assert extractive["gold_in_context_recheck"] == 0
+
+
+def test_feedback_rollouts_carry_weight_under_the_default_estimator(tmp_path):
+    """Issue 12's bar, on the bundled model at 48 new tokens (bench/offpolicy.py): reflection and abstraction
+    rollouts with positive advantage keep an ESS of at least 0.3 of their count and a trained weight mass of at
+    least 0.3 of the plain kind's (per positive-advantage rollout) under the default estimator, where the
+    per-sequence truncated ratio collapses. The plain rollouts' own log-ratio (same prompt) rules out a temperature
+    or precision mismatch as the explanation."""
+    from lanpo_core.config import OffPolicyConfig
+
+    out = tmp_path / "offpolicy.json"
+    done = subprocess.run([sys.executable, "bench/offpolicy.py", "--settings", "tiny", "--problems", "16",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())["settings"]["tiny"]
+    assert abs(result["log_ratios"]["plain"]["token_mean"]) < 0.02, result["log_ratios"]
+    default = OffPolicyConfig().correction
+    for kind in ("reflection", "abstraction"):
+        figures = result["estimators"][default][kind]
+        assert figures["positive"] >= 3, (kind, figures)  # enough positive-advantage rollouts to measure
+        assert figures["ess_frac"] >= 0.3, (kind, figures)
+        assert figures["mass_vs_plain"] >= 0.3, (kind, figures)
+        # the per-sequence ratio keeps far less of the same rollouts (the collapse the default replaces)
+        collapsed = result["estimators"]["sequence_truncated"][kind]
+        assert collapsed["weight_mean_all"] < figures["weight_mean_all"], (kind, collapsed, figures)
+    assert f"{default:<20}reflection" in done.stdout  # the printed table has a row per estimator and kind

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -501,6 +502,10 @@ def test_vllm_seeded_per_request(vllm_engine):
     assert [c.completion_ids for c in alone] == [c.completion_ids for c in a[:3]]
     assert [c.completion_ids for c in a] != [c.completion_ids for c in other]
     assert len({tuple(c.completion_ids) for c in a[:3]}) > 1  # n samples of one request differ
+    # without log-probs (evaluation) the samples are the same, and none are recorded
+    bare = vllm_engine.generate(reqs, replace(s, logprobs=False))
+    assert [c.completion_ids for c in bare] == [c.completion_ids for c in a]
+    assert [c.logprobs for c in bare] == [[]] * len(bare)
 
 
 @pytest.mark.slow

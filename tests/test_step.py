@@ -183,3 +183,14 @@ def test_core_train_without_prefect_matches_the_flow(tmp_path, tiny_model_path, 
     again = lanpo_train(cfg, ["grpo.checkpoint_background=true"], run_name="flow-run")
     assert again["checkpoint_checksum"] == flow["checkpoint_checksum"]
     assert Path(again["checkpoint"]).is_dir()
+
+
+def test_kind_summary_is_one_line_per_step():
+    from lanpo_core.step import kind_summary
+
+    metrics = {"update/kind/plain/trained": 6.0, "update/kind/plain/weight_mean": 1.0,
+               "update/kind/plain/ess_frac": 1.0, "update/kind/plain/weight_mass": 4.25,
+               "update/kind/reflection/trained": 2.0, "update/kind/reflection/weight_mean": 0.8712,
+               "update/kind/reflection/ess_frac": 0.97, "update/kind/reflection/weight_mass": 1.5, "update/loss": 0.1}
+    assert kind_summary(metrics) == ("plain n=6 w=1.000 ess=1.00 mass=4.25; "
+                                     "reflection n=2 w=0.871 ess=0.97 mass=1.5")

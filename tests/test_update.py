@@ -16,9 +16,9 @@ import torch
 from lanpo_core.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint, weights_checksum
 from lanpo_core import logprobs
 from lanpo_core.config import RunConfig
-from lanpo_core.loss import (ADV_EPS, baseline_advantages, dropped_negatives, effective_sample_size_frac,
-                             group_advantages, group_members, has_signal, needs_sampling_logps, offpolicy_weight,
-                             plain_baseline_members, sequence_log_ratio, weight_mass)
+from lanpo_core.loss import (ADV_EPS, CORRECTIONS, baseline_advantages, dropped_negatives, effective_sample_size_frac,
+                             group_advantages, group_members, has_signal, kind_diagnostics, needs_sampling_logps,
+                             offpolicy_weight, plain_baseline_members, sequence_log_ratio, weight_mass)
 from lanpo_core.update import PolicyUpdater, RolloutSample, build_grpo_args, training_prompt_ids
 
 G = 4  # rollouts per problem in the hand-built batches
@@ -92,6 +92,24 @@ def build_batch(tok, ref_model, train_prompt: str, seed: int = 0, all_plain: boo
     return samples
 
 
+def reference_weights(correction: str, train: list[float], sampling: list[float | None], cap: float,
+                      gamma: float) -> list[float]:
+    """docs/update.md's estimator formulas, one token at a time in plain floats (a missing sampling log-prob gives
+    delta_t = 0)."""
+    delta = [0.0 if x is None or math.isnan(x) else t - x for t, x in zip(train, sampling)]
+    if correction == "none":
+        return [1.0] * len(delta)
+    if correction == "sequence_truncated":
+        return [min(math.exp(sum(delta)), cap)] * len(delta)
+    if correction == "geometric":
+        return [min(math.exp(sum(delta) / len(delta)), cap)] * len(delta)
+    if correction == "token_truncated":
+        return [min(math.exp(d), cap) for d in delta]
+    if correction == "shaped":
+        return [(1 + gamma) * math.exp(d) / (math.exp(d) + gamma) for d in delta]
+    raise AssertionError(correction)
+
+
 def reference_loss(model, ref_model, samples, cfg: RunConfig) -> torch.Tensor:
     """METHOD.md step 8, written out: group baseline over all kinds, truncated IS weight, negative drop, TRL-style
     clipped per-token loss and aggregation. Unpadded, one sequence at a time."""
@@ -119,10 +137,9 @@ def reference_loss(model, ref_model, samples, cfg: RunConfig) -> torch.Tensor:
         if s.context_conditioned and cfg.lanpo.train_prompt == "plain":
             if off.negative_advantage == "drop" and adv[i] < 0:
                 w = 0.0
-            elif off.correction == "truncated_is":
-                keep = [t for t, x in enumerate(s.sampling_logprobs) if x is not None]
-                log_ratio = lp.detach()[keep].sum().item() - sum(s.sampling_logprobs[t] for t in keep)
-                w = min(math.exp(log_ratio), off.max_ratio)
+            else:
+                w = torch.tensor(reference_weights(off.correction, lp.detach().tolist(), s.sampling_logprobs,
+                                                   off.max_ratio, off.shaping_gamma))
         a = w * adv[i]
         ratio = torch.exp(lp - lp.detach())  # old = current policy under the training prompt (num_iterations=1)
         eps_hi = g.epsilon_high if g.epsilon_high is not None else g.epsilon
@@ -202,16 +219,44 @@ def test_negatives_are_dropped_only_for_off_policy_rollouts():
     assert has_signal(adv, dropped).tolist() == [False, True, True, False]
 
 
-def test_truncated_is_weight_truncates_at_max_ratio():
-    log_ratio = torch.tensor([-1.0, 0.0, math.log(2.0), 50.0, 1e4])
-    w = offpolicy_weight("truncated_is", log_ratio, max_ratio=2.0)
-    assert torch.allclose(w, torch.tensor([math.exp(-1.0), 1.0, 2.0, 2.0, 2.0]))
-    assert torch.isfinite(w).all()  # exp(1e4) would overflow without clamping first
-    assert offpolicy_weight("none", log_ratio, max_ratio=2.0).tolist() == [1.0] * 5
-    assert needs_sampling_logps("truncated_is")
-    assert not needs_sampling_logps("none")
+@pytest.mark.parametrize("correction", CORRECTIONS)
+def test_offpolicy_weight_matches_formula(correction):
+    # three sequences: ratios below, near and far above the cap, one missing sampling log-prob, padding
+    gen = torch.Generator().manual_seed(3)
+    train = -torch.rand(3, 6, generator=gen, dtype=torch.float64) * 3
+    sampling = train - torch.tensor([[0.9, -0.4, 0.2, 1.5, 0.0, 0.3], [0.05] * 6, [-3.0, -2.5, 0.1, -1.0, -4.0, 2.0]],
+                                    dtype=torch.float64)
+    sampling[1, 2] = float("nan")
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    cap, gamma = 2.0, 0.1
+    out = offpolicy_weight(correction, train, sampling, mask, cap, gamma)
+    for b in range(3):
+        n = int(mask[b].sum())
+        ref = reference_weights(correction, train[b, :n].tolist(),
+                                [None if math.isnan(x) else x for x in sampling[b, :n].tolist()], cap, gamma)
+        assert out.tokens[b, :n].tolist() == pytest.approx(ref, abs=1e-5), (correction, b)
+        assert out.tokens[b, n:].tolist() == [1.0] * (6 - n)  # padding is never weighted
+        assert float(out.sequence[b]) == pytest.approx(sum(ref) / n, abs=1e-5)
+        capped = [w >= cap - 1e-12 for w in ref]  # `shaped` stays below 1 + gamma < cap, `none` at 1
+        assert float(out.truncated_frac[b]) == pytest.approx(sum(capped) / n)
+    assert needs_sampling_logps(correction) == (correction != "none")
+
+
+def test_offpolicy_weight_never_overflows_and_rejects_unknown():
+    train = torch.zeros(1, 3)
+    sampling = torch.tensor([[-1e4, 0.0, 1e4]])  # delta = 1e4, 0, -1e4
+    mask = torch.ones(1, 3)
+    for correction in CORRECTIONS:
+        out = offpolicy_weight(correction, train, sampling, mask, 2.0, 0.1)
+        assert torch.isfinite(out.tokens).all(), correction
+    assert offpolicy_weight("token_truncated", train, sampling, mask, 2.0, 0.1).tokens.tolist() == [[2.0, 1.0, 0.0]]
     with pytest.raises(ValueError, match="correction"):
-        offpolicy_weight("per_token", log_ratio, 2.0)
+        offpolicy_weight("per_token", train, sampling, mask, 2.0, 0.1)
+
+
+def test_old_correction_name_is_refused_with_the_new_one():
+    with pytest.raises(ValueError, match="renamed `sequence_truncated`"):
+        make_config(lanpo={"offpolicy": {"correction": "truncated_is"}})
 
 
 def test_sequence_log_ratio_counts_missing_sampling_logprob_as_zero():
@@ -221,6 +266,20 @@ def test_sequence_log_ratio_counts_missing_sampling_logprob_as_zero():
     log_ratio = sequence_log_ratio(train, sampling, mask)
     # row 0: (-1 + 1.5) + 0 (no sampling log-prob) + (-3 + 2); row 1: (-0.5 + 1) + (-0.5 + 0.25)
     assert torch.allclose(log_ratio, torch.tensor([-0.5, 0.25]))
+
+
+def test_kind_diagnostics_by_formula():
+    kinds = ["plain", "plain", "reflection", "reflection", "reflection", "abstraction"]
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5, 0.0, 1.5])
+    w = torch.tensor([1.0, 1.0, 0.25, 0.0, 0.7, 1.0])
+    dropped = torch.tensor([False, False, False, True, False, False])
+    d = kind_diagnostics(kinds, adv, w, dropped)
+    assert d["plain"] == {"weight_mean": 1.0, "ess_frac": 1.0, "weight_mass": 2.0, "adv_sum": 0.0,
+                          "dropped_negatives": 0.0, "trained": 2.0, "positive": 1.0, "positive_mass": 1.0}
+    # reflection: one trained positive (w 0.25), one dropped negative, one without signal (A = 0)
+    assert d["reflection"] == {"weight_mean": 0.25, "ess_frac": 1.0, "weight_mass": 0.5, "adv_sum": 1.5,
+                               "dropped_negatives": 1.0, "trained": 1.0, "positive": 1.0, "positive_mass": 0.5}
+    assert d["abstraction"]["positive_mass"] == 1.5
 
 
 def test_plain_only_baseline_uses_plain_rollouts_and_falls_back():
@@ -332,7 +391,7 @@ def test_lanpo_loss_and_gradient_match_reference(tiny_model_path, tmp_path, trai
     up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
     assert up.trainer._lanpo_causal_lm(up.model) is not None  # logprobs.py scores, not TRL's fallback kernel
     off_policy = train_prompt == "plain"
-    for correction in ("truncated_is", "none"):
+    for correction in CORRECTIONS:
         for negative in ("drop", "keep"):
             combo = f"{train_prompt}/{correction}/{negative}"
             cfg.lanpo.offpolicy.correction = correction
@@ -349,9 +408,10 @@ def test_lanpo_loss_and_gradient_match_reference(tiny_model_path, tmp_path, trai
             # context rollouts with A < 0 are p0/j1 and p2/j3
             drops = 2 if (off_policy and negative == "drop") else 0
             assert metrics["dropped_negatives"] == drops, combo
-            if off_policy and correction == "truncated_is":
+            if off_policy and correction != "none":
                 assert metrics["is/n"] == 2 + (2 - drops), combo  # trained off-policy sequences
-                assert 0 < metrics["is/truncated_frac"] < 1, combo
+                if correction == "sequence_truncated":
+                    assert 0 < metrics["is/truncated_frac"] < 1, combo
                 assert metrics["is/ratio_max"] > cfg.lanpo.offpolicy.max_ratio, combo
                 assert metrics["is/nan_tokens"] == 1, combo
             else:
@@ -612,8 +672,9 @@ def test_bad_input_is_rejected(tiny_model_path, tmp_path):
 
 def test_per_kind_metrics_and_baseline_controls(tiny_model_path, tmp_path, caplog):
     """build_batch: reflection rollouts in p0 and p2 (one positive each with w = e^-0.4 and w = 2 (truncated), one
-    dropped negative each), abstraction only in the zero-variance group p1."""
-    cfg = make_config()
+    dropped negative each), abstraction only in the zero-variance group p1. Per-sequence weights, so the figures can
+    be written by hand."""
+    cfg = make_config(lanpo={"offpolicy": {"correction": "sequence_truncated"}})
     ref_model, tok = load(tiny_model_path)
     samples = build_batch(tok, ref_model, "plain")
     model, _ = load(tiny_model_path)
@@ -633,9 +694,12 @@ def test_per_kind_metrics_and_baseline_controls(tiny_model_path, tmp_path, caplo
     assert m["kind/plain/adv_sum"] == pytest.approx(float(adv[plain].sum()), abs=1e-5)
     assert (m["kind/plain/truncated_frac"], m["kind/plain/dropped_negatives"]) == (0.0, 0.0)
     w_low, w_high = math.exp(-0.4), 2.0  # p0/j3 and p2/j1; p0/j1 and p2/j3 dropped (w = 0)
-    assert m["kind/reflection/weight_mean"] == pytest.approx((w_low + w_high) / 4, abs=1e-4)
-    assert m["kind/reflection/ess_frac"] == pytest.approx((w_low + w_high) ** 2 / (4 * (w_low ** 2 + w_high ** 2)),
+    # weight mean and ESS are over the trained sequences: the two positives (the dropped ones are counted apart)
+    assert m["kind/reflection/weight_mean"] == pytest.approx((w_low + w_high) / 2, abs=1e-4)
+    assert m["kind/reflection/ess_frac"] == pytest.approx((w_low + w_high) ** 2 / (2 * (w_low ** 2 + w_high ** 2)),
                                                           abs=1e-4)
+    assert (m["kind/reflection/trained"], m["kind/reflection/positive"]) == (2.0, 2.0)
+    assert m["kind/reflection/positive_mass"] == pytest.approx(m["kind/reflection/weight_mass"], abs=1e-6)
     assert m["kind/reflection/weight_mass"] == pytest.approx(w_low * abs(float(adv[3])) + w_high * float(adv[9]),
                                                              abs=1e-4)
     assert m["kind/reflection/adv_sum"] == pytest.approx(float(adv[by_kind["reflection"]].sum()), abs=1e-5)
@@ -685,3 +749,30 @@ def test_per_kind_metrics_and_baseline_controls(tiny_model_path, tmp_path, caplo
     assert all(torch.equal(grads_left_out[k], ref[k]) for k in ref)
     mixed = up.compute_gradients(samples)  # the context rollouts do change the update when they are in it
     assert mixed["loss"] != only_plain["loss"]
+
+
+def test_offpolicy_diagnostics_agree_with_the_update(tiny_model_path, tmp_path):
+    """The no-training report of every estimator gives, for the configured one, the per-kind figures the update
+    itself logs (same weights, same advantages)."""
+    cfg = make_config()
+    ref_model, tok = load(tiny_model_path)
+    samples = build_batch(tok, ref_model, "plain")
+    model, _ = load(tiny_model_path)
+    up = PolicyUpdater(cfg, model, tok, tmp_path / "run")
+    report, log_ratios = up.offpolicy_diagnostics(samples)
+    assert sorted(report) == sorted(CORRECTIONS)
+    # plain rollouts: sampling log-probs are the model's own plus shift / length, so the log-ratios are -0.7 (three)
+    # and -0.3 (three); torch's median is the lower middle value
+    assert log_ratios["plain"]["sequence_median"] == pytest.approx(-0.7, abs=1e-4)
+    for correction in ("sequence_truncated", "token_truncated", "shaped"):
+        cfg.lanpo.offpolicy.correction = correction
+        m = up.compute_gradients(samples)
+        for kind in ("plain", "reflection", "abstraction"):
+            for name in ("weight_mean", "ess_frac", "weight_mass", "positive_mass", "truncated_frac"):
+                assert report[correction][kind][name] == pytest.approx(m[f"kind/{kind}/{name}"], abs=1e-5), \
+                    (correction, kind, name)
+    assert report["none"]["reflection"]["weight_mean_all"] == 1.0
+    # reflection (p0 and p2, rollouts 1 and 3): sequence log-ratios 1.5 and -0.4 twice (minus build_batch's shifts;
+    # the missing sampling log-prob leaves p2's first above log 2)
+    expected = [min(math.exp(x), 2.0) for x in (1.5, -0.4, 1.5, -0.4)]
+    assert report["sequence_truncated"]["reflection"]["weight_mean_all"] == pytest.approx(sum(expected) / 4, abs=1e-4)

@@ -110,6 +110,9 @@ class SamplingSpec:
     """Stop strings (the completion text ends before the first one generated)."""
     seed: int | None = 0
     """Seed for this call; None = unseeded (not reproducible)."""
+    logprobs: bool = True
+    """Record each sampled token's log-prob. Evaluation turns it off: vLLM then skips computing them (5-15 % of
+    its sampling time, docs/defaults.md) and `Completion.logprobs` may be empty."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -145,7 +148,7 @@ class SamplingSpec:
             base = config.seed if isinstance(config, RunConfig) else 0
             seed = base if step is None else derive_seed(base, step)
         values = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                      max_new_tokens=rollout.max_new_tokens, stop=(), seed=seed)
+                      max_new_tokens=rollout.max_new_tokens, stop=(), seed=seed, logprobs=True)
         unknown = set(overrides) - set(values)
         if unknown:
             raise RolloutError(f"unknown sampling fields {sorted(unknown)}; known: {sorted(values)}")
@@ -170,7 +173,8 @@ class Completion:
     completion_ids: list[int]
     """Sampled token ids (a final EOS included)."""
     logprobs: list[float]
-    """Log-prob of each sampled token (`rollout.logprobs` says which distribution; see the module doc)."""
+    """Log-prob of each sampled token (`rollout.logprobs` says which distribution; see the module doc); may be
+    empty when the request's `SamplingSpec.logprobs` is False."""
     finish_reason: FinishReason
     """`stop` (EOS or stop string), `length` (max_new_tokens hit) or `refused` (over-long prompt, nothing generated)."""
     stop_string: str | None = None

@@ -368,7 +368,8 @@ class VllmEngine(EngineBase):
         # vLLM refuses n > 1 with greedy decoding; the n greedy samples are identical, so ask for one and copy it
         params = [SamplingParams(
             n=1 if sampling.greedy else n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, logprobs=0,
+            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
+            logprobs=0 if sampling.logprobs else None,
             seed=seed, skip_special_tokens=True)  # vLLM seeds sample k of a request with seed + k
             for _, _, n, seed in rows]
         total = sum(n for _, _, n, _ in rows)
@@ -387,7 +388,7 @@ class VllmEngine(EngineBase):
                     raise RuntimeError(f"vLLM request {i} sample {j} ended with {c.finish_reason!r}")
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for step, tok in zip(c.logprobs or [], ids)]
-                if len(lps) != len(ids):
+                if sampling.logprobs and len(lps) != len(ids):
                     raise RuntimeError("vLLM returned fewer log-probs than tokens")
                 stop = c.stop_reason if isinstance(c.stop_reason, str) else None
                 results[(i, j)] = (ids, lps, c.finish_reason, stop, secs)

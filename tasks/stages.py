@@ -5,7 +5,8 @@ task's source plus its inputs (run handle with the whole config, step, the step'
 the pool version, the stage's data inputs), leaving out the MLflow run id, which is passed for logging only, so a
 resumed run keeps its cache even in a new MLflow run. Heavy objects never enter a key.
 
-Side effects are made safe to repeat: metrics are logged only when a stage really runs; the pool refuses rows it
+Results are stored as JSON (tasks/serializer.py), so loading one cannot run code. Side effects are made safe to
+repeat: metrics are logged only when a stage really runs; the pool refuses rows it
 already holds (uids are per run, step, problem and rollout), so a pool write repeated after a crash adds nothing;
 an update repeated after a crash starts again from the previous checkpoint and writes the same checkpoint.
 """
@@ -24,8 +25,10 @@ from lanpo_core.step import Rollout
 
 from . import tracking
 from .resources import RunHandle, runtime
+from .serializer import StageResultSerializer
 
 STAGE_CACHE = (INPUTS - "mlflow_run_id") + TASK_SOURCE
+RESULTS = StageResultSerializer()  # JSON, never pickles: a result file cannot run code when a resumed run loads it
 
 
 def _log(mlflow_run_id: str | None, metrics: dict[str, Any], step: int) -> None:
@@ -33,7 +36,7 @@ def _log(mlflow_run_id: str | None, metrics: dict[str, Any], step: int) -> None:
         tracking.log_metrics(mlflow_run_id, metrics, step)
 
 
-@task(name="build-feedback", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="build-feedback", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
 def build_feedback(run: RunHandle, step: int, problems: list, policy: PolicyRef, pool_version: int,
                    mlflow_run_id: str | None = None) -> FeedbackBatch:
     """Reflection and abstraction contexts for the step's problems, audited by the leakage guard."""
@@ -42,7 +45,7 @@ def build_feedback(run: RunHandle, step: int, problems: list, policy: PolicyRef,
     return feedback
 
 
-@task(name="generate-rollouts", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="generate-rollouts", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
 def generate_rollouts(run: RunHandle, step: int, problems: list, policy: PolicyRef, feedback: FeedbackBatch,
                       mlflow_run_id: str | None = None) -> list:
     """G rollouts per problem, split by the rollout mix (contexts fall back to plain when missing)."""
@@ -51,7 +54,7 @@ def generate_rollouts(run: RunHandle, step: int, problems: list, policy: PolicyR
     return completions
 
 
-@task(name="score-rollouts", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="score-rollouts", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
 def score(run: RunHandle, step: int, problems: list, policy: PolicyRef, completions: list,
           mlflow_run_id: str | None = None) -> list[Rollout]:
     """Verify every completion against its gold answer."""
@@ -60,7 +63,8 @@ def score(run: RunHandle, step: int, problems: list, policy: PolicyRef, completi
     return rollouts
 
 
-@task(name="write-pool", cache_policy=STAGE_CACHE, persist_result=True, retries=2, retry_delay_seconds=2)
+@task(name="write-pool", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS, retries=2,
+      retry_delay_seconds=2)
 def write_pool(run: RunHandle, step: int, problems: list, rollouts: list[Rollout], feedback: FeedbackBatch,
                mlflow_run_id: str | None = None) -> int:
     """Append the step's rollouts (and new lessons) to the pool as one version; returns the version."""
@@ -82,7 +86,7 @@ def write_pool(run: RunHandle, step: int, problems: list, rollouts: list[Rollout
     return version
 
 
-@task(name="update-policy", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="update-policy", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
 def update_policy(run: RunHandle, step: int, problems: list, policy: PolicyRef, rollouts: list[Rollout],
                   mlflow_run_id: str | None = None) -> PolicyRef:
     """One GRPO update on the step's rollouts; writes its checkpoint and syncs the rollout engine."""
@@ -91,7 +95,7 @@ def update_policy(run: RunHandle, step: int, problems: list, policy: PolicyRef, 
     return new
 
 
-@task(name="evaluate-policy", cache_policy=STAGE_CACHE, persist_result=True, retries=1)
+@task(name="evaluate-policy", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS, retries=1)
 def evaluate_policy(run: RunHandle, policy: PolicyRef, mlflow_run_id: str | None = None) -> dict[str, float]:
     """Zero-shot accuracy of `policy` on the held-out benchmarks; predictions saved under the run folder."""
     metrics, _ = core.evaluate(runtime(run), policy)

@@ -90,6 +90,13 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert len(rollouts) == 16
     assert {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
 
+    # Stage results are JSON (tasks/serializer.py), not pickles that could run code when a resumed run loads them.
+    results = sorted((Path(summary["run_dir"]) / "prefect-results").iterdir())
+    assert len(results) >= 11  # 5 stages x 2 steps + the evaluation
+    for path in results:
+        record = json.loads(path.read_text())
+        assert record["metadata"]["serializer"]["type"] == "lanpo-json", path
+
     # Same parameters again: every stage comes from the cache, nothing changes, the MLflow run is reused.
     again = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
     assert again.is_completed()

@@ -117,6 +117,24 @@ def _yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def check_hub_model(spec: str, revision: str | None = None, timeout: float = 10.0) -> None:
+    """A hub model must be in the local cache or reachable: one metadata request, instead of the loaders' minutes of
+    retries at the first stage. Raises ModelNotFoundError with one sentence."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    from lanpo_core.models import ModelNotFoundError, hub_error_hint
+
+    if isinstance(try_to_load_from_cache(spec, "config.json", revision=revision), str):
+        return
+    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelNotFoundError(hub_error_hint(spec, RuntimeError("not in the local cache")))
+    try:
+        HfApi().model_info(spec, revision=revision, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - unreachable, unknown, gated: all mean this run cannot load it
+        raise ModelNotFoundError(hub_error_hint(spec, e)) from None
+
+
 @dataclass(frozen=True)
 class Inputs:
     train: list
@@ -134,6 +152,9 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     sets = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
     policy = resolve_policy(cfg.model.name_or_path, cfg.paths.cache_dir)  # prepares the bundled model on first use
     embedder = resolve_embedder(cfg.pool.embedding_model)
+    for model, revision in ((policy, cfg.model.revision), (embedder, None)):
+        if model.kind == "hub":
+            check_hub_model(model.spec, revision)
     models = [model_fingerprint(policy.spec, policy.path, policy.kind, cfg.model.revision),
               model_fingerprint(embedder.spec, embedder.path, embedder.kind)]
     return Inputs(sets[0].problems, provenance([(f"{i}:{s.name}", s.problems) for i, s in enumerate(sets)], models))

@@ -115,12 +115,16 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     (["grpo.lr=1"], "unknown key 'grpo.lr'"),
     (["data.train.format=gsm8k", "data.train.path=/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
     (["model.name_or_path=/no/such/model"], "neither a bundled name"),
+    # a hub name on a machine without hub access: refused by one cache lookup or request, not minutes of retries
+    (["model.name_or_path=nobody/no-such-model"], "could not load 'nobody/no-such-model' from the hub"),
 ])
 def test_bad_input_fails_the_flow_before_any_stage(tmp_path, tiny_model_path, mlflow_store, extra, message):
     from flows.train import lanpo_train
 
+    started = time.perf_counter()
     state = lanpo_train("configs/tiny-cpu.yaml", tiny_overrides(tiny_model_path, tmp_path / "runs") + extra,
                         "bad", return_state=True)
+    assert time.perf_counter() - started < 60  # the flow's own start-up included
     assert state.is_failed()
     assert message in state.message or message in str(state.result(raise_on_failure=False))
     assert task_states(state.state_details.flow_run_id) == []

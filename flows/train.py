@@ -37,6 +37,8 @@ for _key, _value in {
 # itself, not through TRL; vLLM reports at every import that Triton has no CPU backend.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
 logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+# dill (via Prefect's input hashing) logs a disassembly of the functions it pickles at INFO into the task logs
+logging.getLogger("dill").setLevel(logging.WARNING)
 
 # imported after the defaults above
 from prefect import Task, flow, get_run_logger
@@ -203,7 +205,7 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
 
     policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
     try:
-        tags = {**_prefect_tags(), **inputs.provenance.tags()}
+        tags = {**_prefect_tags(), **inputs.provenance.tags(), "overrides": " ".join(overrides or [])[:5000]}
         with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=tags) as mlflow_run_id:
             stage = _Stages(run, mlflow_run_id)
             if cfg.eval.at_start:  # the "before" of the run's accuracy; cached like every stage
@@ -218,6 +220,7 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
                 policy = stage(update_policy, step, problems, policy, rollouts)
                 if eval_due(step, cfg):
                     evals = stage(evaluate_policy, policy)
+                logger.info("step %d/%d done: %s", step + 1, cfg.grpo.steps, stage.progress())
             summary = {"run_key": run.key, "run_dir": run.run_dir, "mlflow_run_id": mlflow_run_id,
                        "mlflow_tracking_uri": tracking.tracking_uri(cfg), "checkpoint": policy.path,
                        "checkpoint_checksum": policy.checksum, "steps": policy.step, "pool_version": pool_version,
@@ -282,6 +285,12 @@ class _Stages:
         if hook:
             hook(StageEvent(name, self.step, True, self.reward, self.accuracy))
         return result
+
+    def progress(self) -> str:
+        """The latest mean reward and held-out accuracy, for the flow's one log line per step."""
+        parts = [f"{label} {value:.3f}" for label, value in (("reward", self.reward),
+                                                            ("held-out accuracy", self.accuracy)) if value is not None]
+        return ", ".join(parts) or "no reward yet"
 
     def _checkpoint_on_disk(self, step: int) -> bool:
         latest = latest_checkpoint(self.run.run_dir)

@@ -297,14 +297,12 @@ def update(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], po
         log.warning("step %d: no usable rollout (every group unusable or refused); the update is skipped",
                     policy.step + 1)
     new, metrics = rt.apply_update(samples)
-    if len({s.kind for s in samples}) > 1:
-        log.info("step %d update, per kind: %s", new.step, kind_summary(metrics))
     return new, {**metrics, "update/unusable_groups": float(unusable)}
 
 
 def kind_summary(metrics: Metrics, prefix: str = "update/kind/") -> str:
-    """One line of the per-kind update diagnostics: per kind, trained rollouts, mean weight, ESS / n and weight
-    mass (docs/update.md, "Per-kind diagnostics")."""
+    """One line of the per-kind update diagnostics (the flow logs it per step): per kind, trained rollouts, mean
+    weight, ESS / n and weight mass (docs/update.md, "Per-kind diagnostics")."""
     kinds = sorted({key[len(prefix):].split("/")[0] for key in metrics if key.startswith(prefix)})
     return "; ".join(f"{k} n={metrics[f'{prefix}{k}/trained']:.0f} w={metrics[f'{prefix}{k}/weight_mean']:.3f} "
                      f"ess={metrics[f'{prefix}{k}/ess_frac']:.2f} mass={metrics[f'{prefix}{k}/weight_mass']:.3g}"

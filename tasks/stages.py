@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from lanpo_core import step as core
@@ -29,6 +29,8 @@ from .serializer import StageResultSerializer
 
 STAGE_CACHE = (INPUTS - "mlflow_run_id") + TASK_SOURCE
 RESULTS = StageResultSerializer()  # JSON, never pickles: a result file cannot run code when a resumed run loads it
+STAGE: dict[str, Any] = dict(cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
+"""Options of every stage task; task runs are named by stage and step (`update-policy-step3`)."""
 
 
 def _log(mlflow_run_id: str | None, metrics: dict[str, Any], step: int) -> None:
@@ -36,7 +38,7 @@ def _log(mlflow_run_id: str | None, metrics: dict[str, Any], step: int) -> None:
         tracking.log_metrics(mlflow_run_id, metrics, step)
 
 
-@task(name="build-feedback", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
+@task(name="build-feedback", task_run_name="build-feedback-step{step}", **STAGE)
 def build_feedback(run: RunHandle, step: int, problems: list, policy: PolicyRef, pool_version: int,
                    mlflow_run_id: str | None = None) -> FeedbackBatch:
     """Reflection and abstraction contexts for the step's problems, audited by the leakage guard."""
@@ -45,7 +47,7 @@ def build_feedback(run: RunHandle, step: int, problems: list, policy: PolicyRef,
     return feedback
 
 
-@task(name="generate-rollouts", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
+@task(name="generate-rollouts", task_run_name="generate-rollouts-step{step}", **STAGE)
 def generate_rollouts(run: RunHandle, step: int, problems: list, policy: PolicyRef, feedback: FeedbackBatch,
                       mlflow_run_id: str | None = None) -> list:
     """G rollouts per problem, split by the rollout mix (contexts fall back to plain when missing)."""
@@ -54,7 +56,7 @@ def generate_rollouts(run: RunHandle, step: int, problems: list, policy: PolicyR
     return completions
 
 
-@task(name="score-rollouts", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
+@task(name="score-rollouts", task_run_name="score-rollouts-step{step}", **STAGE)
 def score(run: RunHandle, step: int, problems: list, policy: PolicyRef, completions: list,
           mlflow_run_id: str | None = None) -> list[Rollout]:
     """Verify every completion against its gold answer."""
@@ -63,8 +65,7 @@ def score(run: RunHandle, step: int, problems: list, policy: PolicyRef, completi
     return rollouts
 
 
-@task(name="write-pool", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS, retries=2,
-      retry_delay_seconds=2)
+@task(name="write-pool", task_run_name="write-pool-step{step}", retries=2, retry_delay_seconds=2, **STAGE)
 def write_pool(run: RunHandle, step: int, problems: list, rollouts: list[Rollout], feedback: FeedbackBatch,
                mlflow_run_id: str | None = None) -> int:
     """Append the step's rollouts (and new lessons) to the pool as one version; returns the version."""
@@ -86,16 +87,19 @@ def write_pool(run: RunHandle, step: int, problems: list, rollouts: list[Rollout
     return version
 
 
-@task(name="update-policy", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS)
+@task(name="update-policy", task_run_name="update-policy-step{step}", **STAGE)
 def update_policy(run: RunHandle, step: int, problems: list, policy: PolicyRef, rollouts: list[Rollout],
                   mlflow_run_id: str | None = None) -> PolicyRef:
     """One GRPO update on the step's rollouts; writes its checkpoint and syncs the rollout engine."""
     new, metrics = core.update(runtime(run), problems, rollouts, policy)
     _log(mlflow_run_id, metrics, step)
+    get_run_logger().info("step %d update: loss %.4g, grad norm %.3g; per kind: %s", step,
+                          metrics.get("update/loss", 0.0), metrics.get("update/grad_norm", 0.0),
+                          core.kind_summary(metrics) or "-")
     return new
 
 
-@task(name="evaluate-policy", cache_policy=STAGE_CACHE, persist_result=True, result_serializer=RESULTS, retries=1)
+@task(name="evaluate-policy", task_run_name="evaluate-policy-after{policy.step}", retries=1, **STAGE)
 def evaluate_policy(run: RunHandle, policy: PolicyRef, mlflow_run_id: str | None = None) -> dict[str, float]:
     """Zero-shot accuracy of `policy` on the held-out benchmarks; predictions saved under the run folder."""
     metrics, _ = core.evaluate(runtime(run), policy)

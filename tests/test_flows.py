@@ -29,13 +29,17 @@ def mlflow_store(tmp_path, monkeypatch):
     return uri
 
 
-def task_states(flow_run_id) -> list[tuple[str, str]]:
+def task_runs(flow_run_id) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in runs)
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def task_states(flow_run_id) -> list[tuple[str, str]]:
+    """(stage, state) of each task run; runs are named `<stage>-step<k>` (evaluation: `-after<k>`)."""
+    return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in task_runs(flow_run_id))
 
 
 def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_path, mlflow_store):
@@ -55,6 +59,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
               "write-pool"]
     assert sorted({name for name, _ in first}) == stages
     assert {s for _, s in first} == {"Completed"}
+    names = {r.name for r in task_runs(state.state_details.flow_run_id)}
+    assert {"build-feedback-step0", "update-policy-step1", "evaluate-policy-after2"} <= names, names
 
     # The pool holds every rollout of both steps: B=4 problems x G=4 x 2 steps.
     pool = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"], read_only=True)

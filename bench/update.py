@@ -10,8 +10,8 @@ Default model (bundled SmolLM2-135M-Instruct), B=8 problems x G=8 rollouts, comp
    2 abstraction rollouts (METHOD.md's default mix), raw sampling log-probs, lenient last-integer reward.
 2. For each dtype (fp32 master weights; `bf16` = CPU bf16 autocast), each in its own process (so peak RSS, read from
    /proc VmHWM, is per configuration):
-   * `ours`       PolicyUpdater.step on those rollouts (train_prompt plain, truncated IS, drop negatives). It skips
-                  zero-signal sequences (all-equal groups, dropped negatives), a LANPO rule.
+   * `ours`       PolicyUpdater.step on those rollouts (train_prompt plain, the default off-policy estimator, drop
+                  negatives). It skips zero-signal sequences (all-equal groups, dropped negatives), a LANPO rule.
    * `ours_all`   the same with every sequence trained: rewards jittered so no group is all-equal, negatives kept,
                   so every sequence is run (worst case for our engine).
    * `trl_same`   TRL GRPOTrainer.train() fed the *same* plain-prompt token ids through its `rollout_func` hook

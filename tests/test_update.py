@@ -111,8 +111,8 @@ def reference_weights(correction: str, train: list[float], sampling: list[float 
 
 
 def reference_loss(model, ref_model, samples, cfg: RunConfig) -> torch.Tensor:
-    """METHOD.md step 8, written out: group baseline over all kinds, truncated IS weight, negative drop, TRL-style
-    clipped per-token loss and aggregation. Unpadded, one sequence at a time."""
+    """METHOD.md step 8, written out: group baseline over all kinds, the configured off-policy weight, negative drop,
+    TRL-style clipped per-token loss and aggregation. Unpadded, one sequence at a time."""
     g, off = cfg.grpo, cfg.lanpo.offpolicy
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):

@@ -6,8 +6,9 @@
 
 One command regenerates everything: each run is a real `lanpo-train` flow (ephemeral Prefect API, MLflow, LanceDB
 pool) in its own process, its summary saved under `--out`; a run whose summary exists and came from the same code
-(tasks/provenance.py's code digest) is not repeated (delete the folder to start over). Runs differ only in what the variant changes (`VARIANTS`) and in `seed`, which sets the data
-order and the sampling seeds; the model, G, B, learning rate, step count and token budgets are those of
+(tasks/provenance.py's code digest) is not repeated (delete the folder to start over). Runs differ only in what the
+variant changes (`VARIANTS`: the method, ablations, the baseline controls and the other off-policy estimators) and
+in `seed`, which sets the data order and the sampling seeds; the model, G, B, learning rate, step count and token budgets are those of
 configs/tiny-cpu.yaml for all. Both methods generate G rollouts per problem per step, so rollouts are equal by
 construction; generated tokens differ (context prompts change answer lengths, and LANPO's abstractor writes lessons)
 and are reported. Step 0 is the base model, evaluated once per seed. Curves and tables are read back from MLflow.
@@ -44,6 +45,14 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "train-context": (CONFIG, ["lanpo.train_prompt=context"], "LANPO trained on the context prompt"),
     "keep-negatives": (CONFIG, ["lanpo.offpolicy.negative_advantage=keep"],
                        "LANPO keeping negative-advantage context rollouts"),
+    # attribution controls: is a gain the feedback's, or the shared baseline's?
+    "plain-baseline": (CONFIG, ["lanpo.baseline=plain_only"], "LANPO, advantages against the plain rollouts only"),
+    "context-out": (CONFIG, ["lanpo.context_in_update=false"],
+                    "LANPO with context rollouts generated and pooled but left out of the update"),
+    # the off-policy estimators other than the default (docs/update.md, "Off-policy estimators")
+    "is-sequence": (CONFIG, ["lanpo.offpolicy.correction=sequence_truncated"],
+                    "LANPO with the per-sequence truncated ratio (the default until 2026-12-02)"),
+    "is-none": (CONFIG, ["lanpo.offpolicy.correction=none"], "LANPO, context rollouts trained without correction"),
 }
 MAIN = ("lanpo", "grpo")
 STAGES = ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync")

@@ -8,7 +8,8 @@
     lanpo verify responses.jsonl --out scored.jsonl   # score model outputs against gold answers
     lanpo config show configs/tiny-cpu.yaml --set grpo.learning_rate=1e-5
 
-Errors that are the user's to fix (config, data, model) print one clear message and exit with status 2.
+Errors that are the user's to fix (config, data, model, a damaged checkpoint, a full disk) print one clear message
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Iterator, Optional, TextIO
 import typer
 import yaml
 
+from lanpo_core.checkpoint import CheckpointDamaged, DiskFull, disk_full_error
 from lanpo_core.config import ConfigError, RunConfig, load_config
 from lanpo_core.data import DataError, ProblemSet, load_problems
 from lanpo_core.models import ModelNotFoundError
@@ -52,7 +54,7 @@ def user_errors(console: TextIO | None = None) -> Iterator[None]:
     """Turn the errors a user can fix into one message and exit status 2 (no stack trace)."""
     try:
         yield
-    except (ConfigError, DataError, ModelNotFoundError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelNotFoundError, FileNotFoundError, CheckpointDamaged, DiskFull) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, file=console or sys.stderr)
         raise typer.Exit(2) from None
 
@@ -167,7 +169,15 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         typer.echo("interrupted: the same command resumes the run at its first unfinished stage", file=err)
         raise typer.Exit(130) from None
     except Exception as e:
-        traceback.print_exc()  # into the log file (on the terminal with --verbose)
+        try:
+            traceback.print_exc()  # into the log file (on the terminal with --verbose)
+        except OSError:
+            pass  # the log is on the full disk
+        where = log.parent if log else Path(cfg.paths.runs_dir).resolve()
+        full = disk_full_error(e, where, "writing the run's files")
+        if full is not None:  # e.g. a stage result (Prefect) or the pool (LanceDB) under the run folder
+            typer.secho(f"error: {full}", fg=typer.colors.RED, file=err)
+            raise typer.Exit(2) from None
         typer.secho(f"error: {type(e).__name__}: {e}" + (f"\n  full log: {log}" if log else ""),
                     fg=typer.colors.RED, file=err)
         raise typer.Exit(1) from None
@@ -260,7 +270,10 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Zero-shot accuracy of a model on the config's held-out benchmarks (its own MLflow run)."""
     _quiet_prefect(verbose)
     with user_errors():
-        _config(config, set_)
+        cfg = _config(config, set_)
+        from lanpo_core.models import resolve_policy
+
+        resolve_policy(model or cfg.model.name_or_path, cfg.paths.cache_dir)  # a damaged checkpoint: one line
         from flows.evaluate import lanpo_evaluate
 
         summary = lanpo_evaluate(str(config or DEFAULT_CONFIG), model, list(set_ or []))

@@ -54,6 +54,9 @@ def lanpo_evaluate(config: str = DEFAULT_CONFIG, model: str | None = None, overr
     cfg = load_config(config_path, overrides)
     check_inputs(cfg)
     model = model or cfg.model.name_or_path
+    from lanpo_core.models import resolve_policy
+
+    resolve_policy(model, cfg.paths.cache_dir)  # before any task: a missing model or damaged checkpoint fails here
     name = run_name or f"eval-{Path(model).name}"
     out_dir = Path(cfg.paths.runs_dir).resolve() / "evaluations" / f"{name}-{cfg.digest()[:8]}"
     metrics = evaluate_model(config_path, overrides, model, str(out_dir))

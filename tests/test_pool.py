@@ -101,6 +101,22 @@ def test_write_step_is_one_version_with_all_fields(tmp_path, embedder):
     assert pool.versions()[-1] == pool.version
 
 
+def test_a_table_whose_creation_never_committed_is_written_again(tmp_path, embedder):
+    """A disk that filled up while the table was first created leaves its folder without a version; the step's
+    write must succeed on the next attempt instead of failing with "Table 'experiences' was not found"."""
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    problems = [prob(f"What is {a} + {a + 1}?") for a in range(2)]
+    pool.write_step(0, rollouts(problems, 2))
+    manifests = list((tmp_path / "pool" / "experiences.lance" / "_versions").glob("*.manifest"))
+    assert manifests, "lance keeps one manifest per version here"
+    for m in manifests:
+        m.unlink()
+    assert ExperiencePool(tmp_path / "pool", "run1", embedder=embedder, read_only=True).count() == 0
+    again = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    assert again.write_step(0, rollouts(problems, 2)).written == 4
+    assert ExperiencePool(tmp_path / "pool", "run1", embedder=embedder).count() == 4
+
+
 def test_open_at_reopens_every_step(tmp_path, embedder):
     pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
     p = prob("What is 2 + 2?")

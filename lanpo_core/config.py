@@ -170,9 +170,23 @@ class VllmConfig(_Section):
     """Folder for the weight-sync file (one safetensors, rewritten per sync); None: /dev/shm if writable, else tmp."""
 
 
+class ServerConfig(_Section):
+    urls: list[str] = Field(default_factory=list)
+    """Base URLs of running `vllm serve` servers (e.g. `http://10.0.0.5:8000`); several = data parallel, the
+    requests of a call are spread over them. How to start one: lanpo_core/rollout/server_worker.py."""
+    timeout_seconds: float = Field(600.0, gt=0)
+    """Per HTTP request."""
+    retries: int = Field(3, ge=0)
+    """Retries of a request whose connection failed or dropped (with backoff), before the run fails naming the URL."""
+    sync_dir: str | None = None
+    """Folder the weight file is written to for the servers to reload; it must be the same path on the servers'
+    machines (a shared filesystem). None: a temporary folder on this machine (servers on 127.0.0.1)."""
+
+
 class RolloutConfig(_Section):
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    """`auto` uses vLLM when importable and usable, else transformers `generate`."""
+    backend: Literal["auto", "vllm", "transformers", "vllm-server"] = "auto"
+    """`auto` uses vLLM when importable and usable, else transformers `generate`; `vllm-server` generates on the
+    running servers of `rollout.server`."""
     num_generations: int = Field(8, ge=2)
     """G: rollouts per problem (METHOD.md step 1)."""
     batch_problems: int = Field(8, ge=1)
@@ -202,6 +216,14 @@ class RolloutConfig(_Section):
     """Show a progress bar for generation batches of more than one `transformers_batch_size`/64 sequences."""
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     """vLLM engine settings."""
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    """The servers of `backend: vllm-server`."""
+
+    @model_validator(mode="after")
+    def _servers_named(self) -> "RolloutConfig":
+        if self.backend == "vllm-server" and not self.server.urls:
+            raise ValueError("rollout.backend 'vllm-server' needs rollout.server.urls (the servers' base URLs)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ lanpo

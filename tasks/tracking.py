@@ -1,5 +1,8 @@
 """MLflow tracking for lanpo runs: one parent run per flow run, MLflow-safe metric names, offline default store.
 
+A parent run ends FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM); a run whose process died without
+ending it (SIGKILL) is ended KILLED when the run is resumed, and the lost attempt is recorded in its tags.
+
 Default store: a SQLite file under `mlruns/` (in the current directory), with artifacts beside it in
 `mlruns/artifacts`, so tracking works with no server; `tracking.mlflow_tracking_uri` or the env variable
 MLFLOW_TRACKING_URI point it anywhere else (an `mlflow server`, Databricks, ...).
@@ -11,6 +14,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -76,35 +80,121 @@ def find_run(cfg: RunConfig, run_key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+_ACTIVE: dict[str, str] = {}
+"""Parent runs open in this process (run id -> tracking URI), for `end_active_runs`."""
+
+
+def _attempt_tags() -> dict[str, str]:
+    """Which process runs the attempt: a later attempt tells from these whether the run is still RUNNING because
+    its process died."""
+    import psutil
+
+    return {"lanpo_pid": str(os.getpid()), "lanpo_host": socket.gethostname(),
+            "lanpo_pid_started": f"{psutil.Process().create_time():.3f}"}
+
+
+def _attempt_alive(tags: Mapping[str, str]) -> bool | None:
+    """Is the process that runs an attempt still alive? None: it cannot be told (another host, no tags)."""
+    import psutil
+
+    if tags.get("lanpo_host") != socket.gethostname() or "lanpo_pid" not in tags:
+        return None
+    try:
+        started = psutil.Process(int(tags["lanpo_pid"])).create_time()
+    except (psutil.Error, ValueError):
+        return False
+    return abs(started - float(tags.get("lanpo_pid_started", "nan"))) < 0.01
+
+
+def _end_dead_attempt(run_id: str) -> None:
+    """A run left RUNNING by a process that died without ending it (SIGKILL, OOM killer, power loss) is ended KILLED
+    and the lost attempt recorded, before the new attempt sets it RUNNING again."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        return
+    alive = _attempt_alive(run.data.tags)
+    if alive is None:
+        return
+    if alive:
+        log.warning("MLflow run %s is RUNNING in live process %s: two attempts of the same run are logging into it",
+                    run_id, run.data.tags["lanpo_pid"])
+        return
+    lost = int(run.data.tags.get("lanpo_lost_attempts", "0")) + 1
+    client.set_tag(run_id, "lanpo_lost_attempts", str(lost))
+    client.set_tag(run_id, "lanpo_last_lost_attempt",
+                   f"pid {run.data.tags['lanpo_pid']} on {run.data.tags['lanpo_host']} died without ending the run")
+    client.set_terminated(run_id, "KILLED")
+    log.warning("MLflow run %s was left RUNNING by process %s, which died: ended it KILLED before resuming", run_id,
+                run.data.tags["lanpo_pid"])
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow status a run ends with: FINISHED, KILLED (a signal: Ctrl-C, SIGTERM) or FAILED (an error)."""
+    from prefect.exceptions import TerminationSignal
+
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
+
+
+def end_active_runs(status: str) -> None:
+    """End the parent runs this process has open (a forced exit, which runs no `finally`)."""
+    from mlflow import MlflowClient
+
+    for run_id, uri in list(_ACTIVE.items()):
+        try:
+            MlflowClient(uri).set_terminated(run_id, status)
+        except Exception as e:  # the store may be what the process hangs on; exit anyway
+            log.warning("could not end MLflow run %s as %s: %s", run_id, status, e)
+        _ACTIVE.pop(run_id, None)
+
+
 @contextmanager
 def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-    """Start (or resume) the parent MLflow run of a lanpo run; yields its id."""
+    """Start (or resume) the parent MLflow run of a lanpo run; yields its id. The run ends FINISHED, FAILED (an
+    error) or KILLED (a signal); one an earlier attempt's dead process left RUNNING is first ended KILLED."""
     import mlflow
 
     exp = experiment_id(cfg)
     existing = find_run(cfg, run_key)
+    if existing is not None:
+        _end_dead_attempt(existing)
     # What the `auto` precision settings resolved to on this machine: params of the run as first started, and tags
     # that say what the latest (possibly resumed, possibly on another CPU) attempt used.
     precision = hardware.describe(cfg)
     log.info("precision: update bf16 %s, vLLM %s, transformers %s (%s)", precision["precision/update_bf16"],
              precision["precision/vllm_dtype"], precision["precision/transformers_dtype"],
              precision["precision/reason"])
-    with mlflow.start_run(run_id=existing, experiment_id=None if existing else exp,
-                          run_name=None if existing else run_name) as run:
+    run = mlflow.start_run(run_id=existing, experiment_id=None if existing else exp,
+                           run_name=None if existing else run_name)
+    run_id = run.info.run_id
+    _ACTIVE[run_id] = tracking_uri(cfg)
+    error: BaseException | None = None
+    try:
         if existing is None:
             params = {safe_name(k): ("" if v is None else str(v))[:6000]
                       for k, v in {**cfg.flat(), **precision}.items()}
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
                 mlflow.log_params(dict(items[i:i + 100]))
-        all_tags = {"lanpo_run_key": run_key, "config_digest": cfg.digest(), "config_source": cfg.source or ""}
+        all_tags = {"lanpo_run_key": run_key, "config_digest": cfg.digest(), "config_source": cfg.source or "",
+                    **_attempt_tags()}
         commit = git_commit()
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
         all_tags.update(tags or {})
         all_tags.update({safe_name(k): v[:5000] for k, v in precision.items()})
         mlflow.set_tags(all_tags)
-        yield run.info.run_id
+        yield run_id
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if _ACTIVE.pop(run_id, None) is not None:  # not already ended by a forced exit
+            mlflow.end_run(end_status(error))
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int) -> None:

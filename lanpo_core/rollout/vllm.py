@@ -24,9 +24,9 @@ re-created from the same file plus the original config/tokenizer files (logged, 
 Process hygiene: vLLM starts an EngineCore process, which starts a Worker (and Python's multiprocessing resource
 tracker starts with them). `close()` (also at interpreter exit) shuts vLLM down, then waits for, terminates or kills
 and reaps every process that appeared while the engine started, and stops the resource tracker if the engine started
-it. If the caller dies without closing (SIGKILL, OOM killer), a small watchdog process, started with the engine in its
-own session, notices that its parent changed, kills those processes and removes the sync folder; the resource tracker
-then exits by itself and unlinks the shared memory vLLM left.
+it. If the caller dies without closing (SIGKILL, OOM killer), a watchdog process (`lanpo_core.procs`), started with
+the engine in its own session, notices that its parent changed, kills those processes and removes the sync folder;
+the resource tracker then exits by itself and unlinks the shared memory vLLM left.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -47,6 +46,7 @@ from typing import Any, Iterable
 
 from ..config import RolloutConfig, VllmConfig
 from ..hardware import resolve_dtype
+from ..procs import start_watchdog, stop_watchdog
 from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec, write_weights_file
 
 log = logging.getLogger(__name__)
@@ -145,37 +145,6 @@ def _check_main_guard() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ process hygiene
-_WATCHDOG = r"""
-import os, shutil, sys, time
-ppid, sync_dir = int(sys.argv[1]), sys.argv[2]
-targets = [tuple(x.split(":")) for x in sys.argv[3:]]
-while os.getppid() == ppid:
-    time.sleep(0.5)
-shutil.rmtree(sync_dir, ignore_errors=True)
-import psutil
-procs = []
-for pid, created in targets:
-    try:
-        p = psutil.Process(int(pid))
-        if abs(p.create_time() - float(created)) < 0.01:
-            procs.append(p)
-            procs.extend(p.children(recursive=True))
-    except psutil.Error:
-        pass
-for p in procs:
-    try:
-        p.terminate()
-    except psutil.Error:
-        pass
-gone, alive = psutil.wait_procs(procs, timeout=5)
-for p in alive:
-    try:
-        p.kill()
-    except psutil.Error:
-        pass
-"""
-
-
 def _descendants() -> dict[int, Any]:
     import psutil
 
@@ -297,33 +266,16 @@ class VllmEngine(EngineBase):
 
     def _start_watchdog(self) -> None:
         self._stop_watchdog()
-        targets = []
         # not the resource tracker: once the engine processes are gone it exits by itself, unlinking the shared
         # memory they leaked (killing it would leak that memory instead)
         tracker = _tracker_pid()
-        for p in self._procs:
-            if p.pid == tracker:
-                continue
-            try:
-                targets.append(f"{p.pid}:{p.create_time()}")
-            except Exception:
-                pass
-        if not targets:
-            return
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.sync_dir), *targets],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            close_fds=True)
+        targets = [p for p in self._procs if p.pid != tracker]
+        if targets:
+            self._watchdog = start_watchdog(targets, [str(self.sync_dir)])
 
     def _stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.terminate()
-            try:
-                self._watchdog.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._watchdog.kill()
-                self._watchdog.wait()
-            self._watchdog = None
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
 
     def _shutdown_engine(self) -> None:
         if self.llm is not None:

@@ -8,6 +8,7 @@ reused pid is never killed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -84,3 +85,26 @@ def stop_watchdog(watchdog: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         watchdog.kill()
         watchdog.wait()
+
+
+def stop_processes(procs: list[Any], timeout: float = 10.0, patience: float | None = None) -> list[int]:
+    """Give the psutil processes `patience` seconds (default timeout / 2) to exit by themselves, then terminate,
+    then kill the rest (timeout / 4 each); reap our own children. Returns the pids that survived."""
+    import psutil
+
+    patience = timeout / 2 if patience is None else patience
+    _, alive = psutil.wait_procs([p for p in procs if p.is_running()], timeout=patience)
+    for stop in ("terminate", "kill"):
+        for p in alive:
+            try:
+                getattr(p, stop)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=timeout / 4)
+    multiprocessing.active_children()  # joins (reaps) finished multiprocessing children
+    for p in procs:  # any remaining zombie that is our direct child
+        try:
+            os.waitpid(p.pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            pass
+    return [p.pid for p in alive]

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from lanpo_core.procs import WATCHDOGS, start_watchdog, stop_watchdog
+from lanpo_core.procs import WATCHDOGS, start_watchdog, stop_processes, stop_watchdog
 
 from . import tracking
 
@@ -79,18 +79,8 @@ def _force_exit(signum: int, reason: str) -> None:
     except OSError:
         pass
     tracking.end_active_runs("KILLED")
-    children = [p for p in psutil.Process().children(recursive=True) if p.pid not in WATCHDOGS]
-    for p in children:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=2)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    stop_processes([p for p in psutil.Process().children(recursive=True) if p.pid not in WATCHDOGS], timeout=4,
+                   patience=0)
     os._exit(128 + signum)
 
 

@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 from ..config import RolloutConfig, VllmConfig
 from ..hardware import resolve_dtype
-from ..procs import start_watchdog, stop_watchdog
+from ..procs import start_watchdog, stop_processes, stop_watchdog
 from .base import BackendUnavailable, EngineBase, RolloutError, SamplingSpec, write_weights_file
 
 log = logging.getLogger(__name__)
@@ -167,27 +167,6 @@ def _tracker_pid() -> int | None:
         return None
 
 
-def _stop_processes(procs: list[Any], timeout: float = 10.0) -> list[int]:
-    """Wait for, then terminate, then kill the given psutil processes; reap our own children. Returns survivors."""
-    import psutil
-
-    _, alive = psutil.wait_procs([p for p in procs if p.is_running()], timeout=timeout / 2)
-    for stop in ("terminate", "kill"):
-        for p in alive:
-            try:
-                getattr(p, stop)()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=timeout / 4)
-    multiprocessing.active_children()  # joins (reaps) finished multiprocessing children
-    for p in procs:  # any remaining zombie that is our direct child
-        try:
-            os.waitpid(p.pid, os.WNOHANG)
-        except (ChildProcessError, OSError):
-            pass
-    return [p.pid for p in alive]
-
-
 def _close_at_exit(ref: "weakref.ref[VllmEngine]") -> None:
     engine = ref()
     if engine is not None:
@@ -285,7 +264,7 @@ class VllmEngine(EngineBase):
                 log.warning("vLLM shutdown raised %s: %s", type(e).__name__, e)
             self.llm = None
             gc.collect()
-        survivors = _stop_processes([p for p in self._procs if p.pid != _tracker_pid()])
+        survivors = stop_processes([p for p in self._procs if p.pid != _tracker_pid()])
         if survivors:
             log.error("vLLM processes %s survived terminate/kill", survivors)
         self._procs = [p for p in self._procs if p.pid == _tracker_pid()]

@@ -31,28 +31,45 @@ from tasks.provenance import code_digest  # noqa: E402  (the repository root is 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIG = "configs/tiny-cpu.yaml"
+CONFIG = "configs/experiment-cpu.yaml"
 BENCH = "arithmetic-heldout"
-VARIANTS: dict[str, tuple[str, list[str], str]] = {
-    "lanpo": (CONFIG, [], "LANPO, the defaults (mix 2 plain / 1 reflection / 1 abstraction of G=4)"),
-    "grpo": ("configs/grpo-tiny-cpu.yaml", [], "plain GRPO (mix 4 plain)"),
-    "no-reflection": (CONFIG, ["lanpo.rollout_mix.plain=0.75", "lanpo.rollout_mix.reflection=0"],
-                      "LANPO without reflection (3 plain / 1 abstraction)"),
-    "no-abstraction": (CONFIG, ["lanpo.rollout_mix.plain=0.75", "lanpo.rollout_mix.abstraction=0"],
-                       "LANPO without abstraction (3 plain / 1 reflection)"),
-    "no-threshold": (CONFIG, ["lanpo.abstraction.min_similarity=null"],
-                     "LANPO, abstraction without the similarity threshold"),
-    "train-context": (CONFIG, ["lanpo.train_prompt=context"], "LANPO trained on the context prompt"),
-    "keep-negatives": (CONFIG, ["lanpo.offpolicy.negative_advantage=keep"],
-                       "LANPO keeping negative-advantage context rollouts"),
-    # attribution controls: is a gain the feedback's, or the shared baseline's?
-    "plain-baseline": (CONFIG, ["lanpo.baseline=plain_only"], "LANPO, advantages against the plain rollouts only"),
-    "context-out": (CONFIG, ["lanpo.context_in_update=false"],
+PLAIN_ONLY = ["lanpo.rollout_mix.plain=1", "lanpo.rollout_mix.reflection=0", "lanpo.rollout_mix.abstraction=0"]
+# name -> (config, overrides, group, description); the group sets the seeds (`--seeds`, `--control-seeds`,
+# `--ablation-seeds`) and the order: the main comparison first, then the controls, then the ablations
+VARIANTS: dict[str, tuple[str, list[str], str, str]] = {
+    "lanpo": (CONFIG, [], "main", "LANPO, the defaults (mix 2 plain / 1 reflection / 1 abstraction of G=4)"),
+    "grpo": (CONFIG, PLAIN_ONLY, "main", "plain GRPO (mix 4 plain of G=4)"),
+    # equal compute: G=6 plain rollouts per problem, about LANPO's generated tokens (rollouts plus lessons)
+    "grpo-g6": (CONFIG, [*PLAIN_ONLY, "rollout.num_generations=6"], "control",
+                "plain GRPO with G=6: about LANPO's generated tokens"),
+    # attribution: is a gain the feedback's, or the shared baseline's?
+    "plain-baseline": (CONFIG, ["lanpo.baseline=plain_only"], "control",
+                       "LANPO, advantages against the plain rollouts only"),
+    "context-out": (CONFIG, ["lanpo.context_in_update=false"], "control",
                     "LANPO with context rollouts generated and pooled but left out of the update"),
-    # the off-policy estimators other than the default (docs/update.md, "Off-policy estimators")
-    "is-sequence": (CONFIG, ["lanpo.offpolicy.correction=sequence_truncated"],
-                    "LANPO with the per-sequence truncated ratio (the default until 2026-12-02)"),
-    "is-none": (CONFIG, ["lanpo.offpolicy.correction=none"], "LANPO, context rollouts trained without correction"),
+    # the paper's two failure modes, built on purpose (lanpo.failure_control)
+    "naive-same": (CONFIG, ["lanpo.failure_control=leak_correctness"], "control",
+                   "naive same-problem feedback: attempts shown with the verifier's verdict, guard off"),
+    "naive-other": (CONFIG, ["lanpo.failure_control=raw_experiences"], "control",
+                    "naive other-problem feedback: raw experiences, no abstraction, no threshold, guard off"),
+    "no-reflection": (CONFIG, ["lanpo.rollout_mix.plain=0.75", "lanpo.rollout_mix.reflection=0"], "ablation",
+                      "LANPO without reflection (3 plain / 1 abstraction)"),
+    "no-abstraction": (CONFIG, ["lanpo.rollout_mix.plain=0.75", "lanpo.rollout_mix.abstraction=0"], "ablation",
+                       "LANPO without abstraction (3 plain / 1 reflection)"),
+    "no-threshold": (CONFIG, ["lanpo.abstraction.min_similarity=null"], "ablation",
+                     "LANPO, abstraction without the similarity threshold"),
+    "train-context": (CONFIG, ["lanpo.train_prompt=context"], "ablation", "LANPO trained on the context prompt"),
+    "keep-negatives": (CONFIG, ["lanpo.offpolicy.negative_advantage=keep"], "ablation",
+                       "LANPO keeping negative-advantage context rollouts"),
+    # the off-policy estimators other than the default token_truncated (docs/update.md, "Off-policy estimators")
+    "is-sequence": (CONFIG, ["lanpo.offpolicy.correction=sequence_truncated"], "ablation",
+                    "LANPO with the per-sequence truncated ratio"),
+    "is-none": (CONFIG, ["lanpo.offpolicy.correction=none"], "ablation",
+                "LANPO, context rollouts trained without correction"),
+    "is-geometric": (CONFIG, ["lanpo.offpolicy.correction=geometric"], "ablation",
+                     "LANPO with the geometric-mean sequence ratio"),
+    "is-shaped": (CONFIG, ["lanpo.offpolicy.correction=shaped"], "ablation",
+                  "LANPO with the shaped token ratio"),
 }
 MAIN = ("lanpo", "grpo")
 STAGES = ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync")
@@ -63,7 +80,7 @@ EVAL_KEYS = {"mean_at_2": "zero-shot mean@2 (T=0.7)", "greedy": "zero-shot greed
 def common_overrides(seed: int, steps: int | None, out: Path, extra: list[str]) -> list[str]:
     budget = [f"grpo.steps={steps}", f"eval.every={max(1, steps // 2)}"] if steps else []
     # eval.at_start off: the base model is evaluated once per seed by its own job (worker_base), not in every arm
-    return [f"seed={seed}", "eval.feedback=true", "eval.at_start=false", f"paths.runs_dir={out / 'runs'}",
+    return [f"seed={seed}", "eval.at_start=false", f"paths.runs_dir={out / 'runs'}",
             "tracking.experiment=lanpo-compare", *budget, *extra]
 
 
@@ -71,7 +88,7 @@ def common_overrides(seed: int, steps: int | None, out: Path, extra: list[str]) 
 def worker_train(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict:
     from flows.train import lanpo_train
 
-    config, overrides, _ = VARIANTS[variant]
+    config, overrides, _, _ = VARIANTS[variant]
     started = time.perf_counter()
     summary = lanpo_train(config, [*overrides, *common_overrides(seed, steps, out, extra)],
                           f"compare-{variant}-s{seed}")
@@ -392,8 +409,10 @@ def findings(summary: dict, seeds: dict, step_seconds: dict[str, float]) -> list
 # ------------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of the LANPO and GRPO runs")
-    ap.add_argument("--ablation-seeds", default="0", help="seeds of the ablation runs")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the main comparison (lanpo, grpo)")
+    ap.add_argument("--control-seeds", default="0,1,2", help="seeds of the controls (equal compute, attribution, "
+                    "failure modes)")
+    ap.add_argument("--ablation-seeds", default="0", help="seeds of the ablations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="override grpo.steps (default: the config's)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compare"))
@@ -423,19 +442,21 @@ def main() -> None:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-        main_seeds = [int(s) for s in args.seeds.split(",")]
-        abl_seeds = [int(s) for s in args.ablation_seeds.split(",")]
+        seeds = {"main": args.seeds, "control": args.control_seeds, "ablation": args.ablation_seeds}
+        seeds = {group: [int(x) for x in text.split(",") if x.strip()] for group, text in seeds.items()}
         step_arg = str(steps) if steps else "-"
         started = time.perf_counter()
-        for seed in main_seeds:
+        # the main comparison seed by seed (so an interrupted run leaves paired seeds), then controls, ablations
+        for seed in seeds["main"]:
             run_job(f"base-s{seed}", ["base", str(seed), step_arg], out, args.set)
-            for v in MAIN:
-                if v in variants:
-                    run_job(f"{v}-s{seed}", [v, str(seed), step_arg], out, args.set)
-        for seed in abl_seeds:
             for v in variants:
-                if v not in MAIN:
+                if VARIANTS[v][2] == "main":
                     run_job(f"{v}-s{seed}", [v, str(seed), step_arg], out, args.set)
+        for group in ("control", "ablation"):
+            for seed in seeds[group]:
+                for v in variants:
+                    if VARIANTS[v][2] == group:
+                        run_job(f"{v}-s{seed}", [v, str(seed), step_arg], out, args.set)
         if not args.no_mechanism and not (out / "mechanism.json").exists():
             print(f"[{time.strftime('%H:%M:%S')}] mechanism check ...", flush=True)
             subprocess.call([sys.executable, str(REPO / "bench" / "mechanism.py"), "--out",

@@ -63,6 +63,10 @@ class ArithmeticConfig(_Section):
     """Fewest digits per operand."""
     max_digits: int = Field(1, ge=1, le=9)
     """Most digits per operand."""
+    operand_ranges: list[tuple[int, int]] | None = Field(None, min_length=2, max_length=4)
+    """Inclusive range of each operand in order, e.g. `[[0, 25], [0, 25]]`, `[[10, 99], [0, 9]]` (two-digit with
+    one-digit) or three `[0, 9]` (three terms); replaces `min_digits`/`max_digits` when set. Operations are drawn
+    per gap; `*` binds tighter than `+`/`-`."""
     allow_negative: bool = False
     """Allow subtractions with a negative result (otherwise operands are swapped)."""
     heldout_fraction: float = Field(0.3, gt=0.0, lt=1.0)
@@ -74,6 +78,10 @@ class ArithmeticConfig(_Section):
     def _digits_ordered(self) -> "ArithmeticConfig":
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})")
+        for lo, hi in self.operand_ranges or ():
+            if not 0 <= lo <= hi <= 10**9:
+                raise ValueError(f"operand_ranges: each range must be [low, high] with 0 <= low <= high, got "
+                                 f"[{lo}, {hi}]")
         return self
 
 
@@ -332,6 +340,20 @@ class LanpoConfig(_Section):
     loss normaliser); they are still generated, scored and pooled."""
     leakage_guard: bool = True
     """Audit every context for the gold answer and reward markers before use (METHOD.md step 5)."""
+    failure_control: Literal["off", "leak_correctness", "raw_experiences"] = "off"
+    """A CONTROL THAT BREAKS THE METHOD ON PURPOSE, for the experiment's failure-mode arms (docs/results.md); never
+    for training a model. `leak_correctness`: naive same-problem feedback, each shown earlier attempt unredacted and
+    followed by whether the verifier judged it correct. `raw_experiences`: naive other-problem feedback, the
+    retrieved experiences shown as they are, without abstraction and without the similarity threshold. Either one
+    turns the leakage guard into an audit that only counts (`feedback/<kind>/would_drop`) for the kind it breaks."""
+
+    @model_validator(mode="after")
+    def _control_has_its_kind(self) -> "LanpoConfig":
+        kind = {"leak_correctness": "reflection", "raw_experiences": "abstraction"}.get(self.failure_control)
+        if kind and getattr(self.rollout_mix, kind) <= 0:
+            raise ValueError(f"failure_control={self.failure_control} breaks the {kind} rollouts, but "
+                             f"rollout_mix.{kind} is 0")
+        return self
 
     @property
     def is_plain_grpo(self) -> bool:

@@ -11,6 +11,7 @@ machines and file re-orderings: the experience pool keys on it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .config import ArithmeticConfig, DatasetConfig
 from .verify import gsm8k_gold, last_boxed
@@ -304,23 +305,76 @@ def _arithmetic_item(a: int, op: str, b: int, cfg: ArithmeticConfig) -> tuple[st
     return f"What is {a} {shown} {b}?", value
 
 
+def _chain_item(terms: tuple[int, ...], ops: tuple[str, ...], cfg: ArithmeticConfig) -> tuple[str, int] | None:
+    """`operand_ranges` questions: the operands in order, `*` before `+`/`-`; None if the result is negative and
+    negatives are not allowed (swapping operands would change the digit pattern the family is defined by)."""
+    sums, product = [], terms[0]
+    signs = [1]
+    for op, x in zip(ops, terms[1:]):
+        if op == "*":
+            product *= x
+        else:
+            sums.append(signs[-1] * product)
+            signs.append(1 if op == "+" else -1)
+            product = x
+    value = sum(sums) + signs[-1] * product
+    if value < 0 and not cfg.allow_negative:
+        return None
+    shown = [("×" if op == "*" else op) for op in ops]
+    text = " ".join(f"{t} {o}" for t, o in zip(terms, shown)) + f" {terms[-1]}"
+    return f"What is {text}?", value
+
+
+def _candidates(cfg: ArithmeticConfig) -> tuple[int, Callable[[random.Random], tuple[str, int] | None],
+                                                  Callable[[], Iterator[tuple[str, int] | None]]]:
+    """(size of the question space, draw one at random, enumerate all) for the generator's family."""
+    if cfg.operand_ranges:
+        ranges = [range(lo, hi + 1) for lo, hi in cfg.operand_ranges]
+        gaps = len(ranges) - 1
+        space = math.prod(len(r) for r in ranges) * len(cfg.operations) ** gaps
+
+        def draw(rng: random.Random) -> tuple[str, int] | None:
+            return _chain_item(tuple(rng.choice(r) for r in ranges),
+                               tuple(rng.choice(cfg.operations) for _ in range(gaps)), cfg)
+
+        def every() -> Iterator[tuple[str, int] | None]:
+            for ops in itertools.product(cfg.operations, repeat=gaps):
+                for terms in itertools.product(*ranges):
+                    yield _chain_item(terms, ops, cfg)
+        return space, draw, every
+    operands = [n for d in range(cfg.min_digits, cfg.max_digits + 1) for n in _operand_range(d)]
+
+    def draw_pair(rng: random.Random) -> tuple[str, int]:
+        a, b, op = rng.choice(operands), rng.choice(operands), rng.choice(cfg.operations)
+        return _arithmetic_item(a, op, b, cfg)
+
+    def every_pair() -> Iterator[tuple[str, int]]:
+        for op in cfg.operations:
+            for a in operands:
+                for b in operands:
+                    yield _arithmetic_item(a, op, b, cfg)
+    return len(operands) ** 2 * len(cfg.operations), draw_pair, every_pair
+
+
 def generate_arithmetic(cfg: ArithmeticConfig, split: str, size: int, label: str | None = None) -> ProblemSet:
     """Draw `size` distinct problems of one split ("train" or "heldout").
 
-    The question space is every (a, op, b) with operands of `min_digits`..`max_digits` digits. Small spaces are
-    enumerated (1-digit sums: 100 questions, so `size` is capped by what the split holds); large ones sampled.
+    The question space is every (a, op, b) with operands of `min_digits`..`max_digits` digits, or every chain of
+    operands drawn from `operand_ranges`. Small spaces are enumerated (1-digit sums: 100 questions, so
+    `size` is capped by what the split holds); large ones sampled.
     """
     label = label or f"arithmetic-{split}"
     want_heldout = split == "heldout"
-    operands = [n for d in range(cfg.min_digits, cfg.max_digits + 1) for n in _operand_range(d)]
-    space = len(operands) ** 2 * len(cfg.operations)
+    space, draw, every = _candidates(cfg)
     rng = random.Random(f"{cfg.seed}|{split}")
     chosen: dict[str, int] = {}
     if space <= 200_000:
-        candidates = [(a, op, b) for op in cfg.operations for a in operands for b in operands]
+        candidates = list(every())
         rng.shuffle(candidates)
-        for a, op, b in candidates:
-            question, value = _arithmetic_item(a, op, b, cfg)
+        for item in candidates:
+            if item is None:
+                continue
+            question, value = item
             if question not in chosen and _is_heldout(question, cfg) == want_heldout:
                 chosen[question] = value
                 if len(chosen) == size:
@@ -329,10 +383,9 @@ def generate_arithmetic(cfg: ArithmeticConfig, split: str, size: int, label: str
         attempts = 0
         while len(chosen) < size and attempts < size * 50:
             attempts += 1
-            a, b, op = rng.choice(operands), rng.choice(operands), rng.choice(cfg.operations)
-            question, value = _arithmetic_item(a, op, b, cfg)
-            if _is_heldout(question, cfg) == want_heldout:
-                chosen.setdefault(question, value)
+            item = draw(rng)
+            if item is not None and _is_heldout(item[0], cfg) == want_heldout:
+                chosen.setdefault(*item)
     if len(chosen) < size:
         log.info("%s: the question space holds %d distinct %s problems; asked for %d", label, len(chosen), split, size)
     problems = [

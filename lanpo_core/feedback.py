@@ -56,6 +56,12 @@ that recur, word for word, in the problem texts of at least two retrieved experi
 generalise a method, but it is deterministic, free, and carries a convention that related problems state and the
 current one leaves out; bench/mechanism.py uses it to check the abstraction mechanism independently of how well a
 tiny model summarises.
+
+**Failure-mode controls** (`lanpo.failure_control`, off by default) break the method on purpose, for the
+experiment's control arms only: `leak_correctness` shows each earlier attempt unredacted with the verifier's
+verdict (naive same-problem feedback), `raw_experiences` shows retrieved experiences of other problems as they are,
+without abstraction or threshold (naive other-problem feedback). For the kind it breaks, the guard only counts what
+it would have dropped (`<kind>/would_drop`).
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ REFLECTION_TEMPLATE = (
 REFLECTION_INTRO_ONE = "Below is an earlier attempt at this problem. Its final answer is hidden as " + HIDDEN + "."
 REFLECTION_INTRO_MANY = ("Below are {n} earlier attempts at this problem. Their final answers are hidden as "
                          + HIDDEN + ".")
+REFLECTION_INTRO_LEAK = "Below are earlier attempts at this problem, each with the verifier's judgement."
 ATTEMPT_TEMPLATE = "### Earlier attempt {n}\n{text}\n### End of earlier attempt {n}"
 
 ABSTRACTION_TEMPLATE = (
@@ -106,6 +113,15 @@ ABSTRACTION_TEMPLATE = (
     "quantities or final answers from the problems above."
 )
 EXPERIENCE_TEMPLATE = "### Problem {n}\n{problem}\n### Solution {n}\n{response}"
+
+# the failure-mode controls (`lanpo.failure_control`): what naive feedback would show
+LEAKED_VERDICT = "The verifier judged this attempt {verdict}."
+RAW_EXPERIENCES_TEMPLATE = (
+    "{problem}\n\n"
+    "Worked solutions to other problems:\n\n"
+    "{experiences}\n\n"
+    "{instruction}"
+)
 
 ABSTRACTION_SOLVE_TEMPLATE = (
     "{problem}\n\n"
@@ -148,24 +164,27 @@ def solve_messages(problem_text: str, prompts: PromptConfig | None = None) -> Me
     return _messages(SOLVE_TEMPLATE.format(problem=problem_text, instruction=prompts.solve_instruction), prompts)
 
 
-def _reflection_user(problem: str, attempts: Sequence[str], instruction: str) -> str:
-    intro = REFLECTION_INTRO_ONE if len(attempts) == 1 else REFLECTION_INTRO_MANY.format(n=len(attempts))
+def _reflection_user(problem: str, attempts: Sequence[str], instruction: str, leaked: bool = False) -> str:
+    if leaked:
+        intro = REFLECTION_INTRO_LEAK
+    else:
+        intro = REFLECTION_INTRO_ONE if len(attempts) == 1 else REFLECTION_INTRO_MANY.format(n=len(attempts))
     blocks = "\n\n".join(ATTEMPT_TEMPLATE.format(n=i + 1, text=a) for i, a in enumerate(attempts))
     target = "the attempt" if len(attempts) == 1 else "the attempts"
     return REFLECTION_TEMPLATE.format(problem=problem, intro=intro, attempts=blocks, target=target,
                                       instruction=instruction)
 
 
-def reflection_messages(problem_text: str, attempts: Sequence[str],
-                        prompts: PromptConfig | None = None) -> tuple[Messages, str]:
+def reflection_messages(problem_text: str, attempts: Sequence[str], prompts: PromptConfig | None = None,
+                        leaked: bool = False) -> tuple[Messages, str]:
     """(messages, context text) for already prepared (redacted) attempts. The context text is the prompt minus the
     problem statement and the solve instruction, template headings included (for logs); the guard audits the
-    attempts themselves."""
+    attempts themselves. `leaked`: the attempts carry the verifier's verdict (`failure_control: leak_correctness`)."""
     if not attempts:
         raise ValueError("a reflection prompt needs at least one attempt")
     prompts = prompts or PromptConfig()
-    user = _reflection_user(problem_text, attempts, prompts.solve_instruction)
-    return _messages(user, prompts), _reflection_user("", attempts, "")
+    user = _reflection_user(problem_text, attempts, prompts.solve_instruction, leaked)
+    return _messages(user, prompts), _reflection_user("", attempts, "", leaked)
 
 
 def abstraction_request_messages(experiences: Sequence[tuple[str, str]], max_lessons: int,
@@ -482,6 +501,10 @@ class FeedbackBuilder:
         self.extraction = tuple(extraction)
         self.seed = seed
         self.guard = guard or LeakageGuard(enabled=self.lanpo.leakage_guard)
+        self.control = self.lanpo.failure_control
+        if self.control != "off":
+            log.warning("lanpo.failure_control=%s: this run breaks the method on purpose (a control arm of the "
+                        "experiment, docs/results.md); its leakage guard only counts", self.control)
 
     def build(self, problems: Sequence[Any], step: int, kinds: Iterable[str] = ("reflection", "abstraction"),
               policy_version: int | None = None) -> FeedbackBatch:
@@ -504,16 +527,19 @@ class FeedbackBuilder:
             if not attempts:
                 batch.stats["reflection/no_source"] += 1
                 continue
+            leak = self.control == "leak_correctness"
+            rewards = self.pool.rewards_of([a.uid for a in attempts]) if leak else {}
             shown = []
             for a in attempts:
                 text, changes = prepare_attempt(a.response, a.extracted_answer, max_chars=cfg.max_attempt_chars,
-                                                redact=cfg.redact_answers, extraction=self.extraction)
+                                                redact=cfg.redact_answers and not leak, extraction=self.extraction)
                 batch.stats["reflection/redactions"] += changes
+                if leak:
+                    verdict = "correct" if (rewards.get(a.uid) or 0.0) > 0 else "incorrect"
+                    text = f"{text}\n{LEAKED_VERDICT.format(verdict=verdict)}"
                 shown.append(text)
-            messages, context_text = reflection_messages(p.question, shown, self.prompts)
-            audit = self.guard.check("reflection", shown, p.answer, p.question)
-            count_audit(batch.stats, "reflection", audit)
-            if not audit.ok:
+            messages, context_text = reflection_messages(p.question, shown, self.prompts, leaked=leak)
+            if not self._passes("reflection", shown, p, batch, enforce=not leak):
                 continue
             batch.contexts[(p.id, "reflection")] = FeedbackContext(
                 p.id, "reflection", messages, tuple(a.uid for a in attempts), context_text, audited=tuple(shown))
@@ -528,6 +554,8 @@ class FeedbackBuilder:
         Lessons come from the pool when stored for the same sources, else from one abstractor request per
         distinct source set of this call; the new ones are in `batch.lesson_sets()`."""
         cfg = self.lanpo.abstraction
+        if self.control == "raw_experiences":
+            return self._raw_experiences(problems, step)
         batch = FeedbackBatch()
         sources: dict[str, list[Any]] = {}
         lessons_for: dict[str, list[str]] = {}
@@ -560,13 +588,51 @@ class FeedbackBuilder:
                 batch.stats["abstraction/no_lessons"] += 1
                 continue
             messages, context_text = abstraction_solve_messages(p.question, lessons, self.prompts)
-            audit = self.guard.check("abstraction", lessons, p.answer, p.question)
-            count_audit(batch.stats, "abstraction", audit)
-            if not audit.ok:
+            if not self._passes("abstraction", lessons, p, batch):
                 continue
             batch.contexts[(p.id, "abstraction")] = FeedbackContext(
                 p.id, "abstraction", messages, tuple(e.uid for e in exps), context_text, tuple(lessons),
                 audited=tuple(lessons))
+            batch.stats["abstraction/built"] += 1
+        return batch
+
+    def _passes(self, kind: str, parts: Sequence[str], problem: Any, batch: FeedbackBatch,
+                enforce: bool = True) -> bool:
+        """The guard's verdict on a context (counted); `enforce=False` (a failure control) only counts what it
+        would have dropped, as `<kind>/would_drop`."""
+        if enforce:
+            audit = self.guard.check(kind, parts, problem.answer, problem.question)
+            count_audit(batch.stats, kind, audit)
+            return audit.ok
+        audit = audit_context(parts, problem.answer, problem.question,
+                              allow_gold_in_problem=self.guard.allow_gold_in_problem)
+        batch.stats[f"{kind}/audited"] += 1
+        batch.stats[f"{kind}/would_drop"] += 0 if audit.ok else 1
+        return True
+
+    def _raw_experiences(self, problems: Sequence[Any], step: int | None) -> FeedbackBatch:
+        """`failure_control: raw_experiences`: the top-k experiences of other problems, no threshold, shown as
+        they are (problem and response) instead of lessons; the guard only counts."""
+        cfg = self.lanpo.abstraction
+        batch = FeedbackBatch()
+        for p in problems:
+            exps = self.pool.similar_experiences(
+                p.id, p.question, top_k=cfg.top_k, min_similarity=None,
+                duplicate_similarity=cfg.duplicate_similarity, successful_only=cfg.successful_only,
+                source_choice=cfg.source_choice, before_step=step)
+            if not exps:
+                batch.stats["abstraction/no_source"] += 1
+                continue
+            parts = [EXPERIENCE_TEMPLATE.format(n=i + 1, problem=e.problem_text.strip(),
+                                                response=e.response.strip()[:cfg.max_experience_chars])
+                     for i, e in enumerate(exps)]
+            user = RAW_EXPERIENCES_TEMPLATE.format(problem=p.question, experiences="\n\n".join(parts),
+                                                   instruction=self.prompts.solve_instruction)
+            self._passes("abstraction", parts, p, batch, enforce=False)
+            batch.contexts[(p.id, "abstraction")] = FeedbackContext(
+                p.id, "abstraction", _messages(user, self.prompts), tuple(e.uid for e in exps),
+                RAW_EXPERIENCES_TEMPLATE.format(problem="", experiences="\n\n".join(parts), instruction=""),
+                audited=tuple(parts))
             batch.stats["abstraction/built"] += 1
         return batch
 

@@ -834,6 +834,11 @@ class ExperiencePool:
             out[pid] = [Attempt(**full[u]) for u in uids if u in full]
         return out
 
+    def rewards_of(self, uids: Sequence[str]) -> dict[str, float | None]:
+        """Stored rewards by uid. Only `lanpo.failure_control: leak_correctness` reads them for a reflection
+        context: showing them is the leak that control makes on purpose (reflection itself never looks)."""
+        return {u: r["reward"] for u, r in self._rows_by_uid(list(uids), ["uid", "reward"]).items()}
+
     def similar_experiences(self, problem_id: str, problem_text: str, *, top_k: int = 4,
                             min_similarity: float | None = 0.6, duplicate_similarity: float = 0.9,
                             successful_only: bool = True,

@@ -154,3 +154,21 @@ def test_arithmetic_large_space_is_sampled():
     a, _, b = train.problems[0].question.removeprefix("What is ").rstrip("?").split()
     assert int(train.problems[0].answer) == int(a) * int(b)
     assert 100 <= int(a) <= 9999
+
+
+def test_operand_ranges_make_chains_with_precedence_and_disjoint_splits():
+    cfg = ArithmeticConfig(operations=["+", "-", "*"], operand_ranges=[[0, 9], [0, 9], [0, 9]], seed=3)
+    train, heldout = generate_arithmetic(cfg, "train", 300), generate_arithmetic(cfg, "heldout", 300)
+    assert len(train) == 300 and len(heldout) == 300
+    assert not {p.question for p in train} & {p.question for p in heldout}
+    for p in [*train, *heldout]:
+        expression = p.question.removeprefix("What is ").removesuffix("?").replace("×", "*")
+        assert int(p.answer) == eval(expression) >= 0  # noqa: S307 (digits and + - * only)
+    two = ArithmeticConfig(operations=["-"], operand_ranges=[[10, 99], [0, 9]])
+    assert all(p.question.split()[2].isdigit() and len(p.question.split()[2]) == 2
+               for p in generate_arithmetic(two, "train", 50))
+
+
+def test_operand_ranges_must_be_ordered():
+    with pytest.raises(ValueError, match=r"operand_ranges.*\[5, 2\]"):
+        ArithmeticConfig(operand_ranges=[[5, 2], [0, 9]])

@@ -596,3 +596,50 @@ def test_feedback_kinds_are_the_kinds_the_mix_gives_rollouts(mix, group, kinds):
     cfg.lanpo.rollout_mix = type(cfg.lanpo.rollout_mix)(**mix)
     cfg.rollout.num_generations = group
     assert feedback_kinds(cfg) == kinds
+
+
+# ------------------------------------------------------------------------- failure-mode controls (issue 13)
+def test_leak_correctness_control_shows_the_verdict_and_the_answer(tmp_path, embedder):
+    p = prob("What is 7 + 5?", "12")
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(p, 0, "7 + 5 = 12", 1.0), attempt(p, 1, "7 + 5 = 13", 0.0)])
+    method = FeedbackBuilder(pool, LanpoConfig(reflection={"max_attempts": 2})).build([p], 1, ["reflection"])
+    assert "12" not in method.get(p.id, "reflection").messages[-1]["content"]       # the method hides it
+    assert "verifier" not in method.get(p.id, "reflection").messages[-1]["content"]
+    control = LanpoConfig(reflection={"max_attempts": 2}, failure_control="leak_correctness")
+    batch = FeedbackBuilder(pool, control).build([p], 1, ["reflection"])
+    text = batch.get(p.id, "reflection").messages[-1]["content"]
+    assert "7 + 5 = 12\nThe verifier judged this attempt correct." in text
+    assert "7 + 5 = 13\nThe verifier judged this attempt incorrect." in text
+    assert "hidden" not in text
+    # the guard only counts: it would have dropped this context (the gold and a correctness marker)
+    assert batch.stats["reflection/audited"] == 1 and batch.stats["reflection/would_drop"] == 1
+    assert batch.stats["reflection/dropped"] == 0 and batch.stats["reflection/built"] == 1
+
+
+def test_raw_experiences_control_shows_other_problems_without_threshold(tmp_path, embedder):
+    target = prob("What is 9 × 3?", "27")
+    others = [prob("What is 4 + 2?", "6"), prob("Sam has 12 pens and buys 3 more. How many pens now?", "15")]
+    pool = ExperiencePool(tmp_path / "pool", "run1", embedder=embedder)
+    pool.write_step(0, [attempt(o, 0, f"It is {o.answer}.", 1.0) for o in others])
+    abstractor = FakeAbstractor("- Check each step.")
+    control = LanpoConfig(failure_control="raw_experiences")
+    batch = FeedbackBuilder(pool, control, abstractor=abstractor).build([target], 1, ["abstraction"])
+    ctx = batch.get(target.id, "abstraction")
+    text = ctx.messages[-1]["content"]
+    assert abstractor.calls == []                               # no abstraction
+    assert len(ctx.source_ids) == 2                             # the pen problem is far below the 0.6 threshold
+    assert "It is 15." in text and "Sam has 12 pens" in text and text.startswith("What is 9 × 3?")
+    assert ctx.lessons == () and batch.stats["abstraction/built"] == 1
+    assert batch.stats["abstraction/would_drop"] == 0 and batch.stats["abstraction/dropped"] == 0
+    # the method's own path keeps the threshold: only the sum is near enough to be a source, or none at all
+    method = FeedbackBuilder(pool, LanpoConfig(), abstractor=abstractor).build([target], 1, ["abstraction"])
+    got = method.get(target.id, "abstraction")
+    assert got is None or len(got.source_ids) < 2
+
+
+def test_a_failure_control_needs_the_rollouts_it_breaks():
+    with pytest.raises(ValueError, match="rollout_mix.reflection is 0"):
+        LanpoConfig(failure_control="leak_correctness", rollout_mix={"plain": 0.75, "reflection": 0,
+                                                                    "abstraction": 0.25})
+    assert LanpoConfig().failure_control == "off"

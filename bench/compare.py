@@ -1,28 +1,33 @@
-"""LANPO vs plain GRPO on `experiment-cpu`, the ablations, the mechanism check, and the report `docs/results.md`.
+"""LANPO vs plain GRPO on `experiment-cpu`: the controls, the ablations, the mechanism check and docs/results.md.
 
-    .venv/bin/python bench/compare.py                  # every missing run, then the report (108 min here)
+    .venv/bin/python bench/compare.py                  # every missing run, then the report
     .venv/bin/python bench/compare.py --report-only    # the report again from the finished runs
     .venv/bin/python bench/compare.py --seeds 0 --variants lanpo,grpo --steps 2 --out /tmp/c --report /tmp/c/r.md
 
-One command regenerates everything: each run is a real `lanpo-train` flow (ephemeral Prefect API, MLflow, LanceDB
-pool) in its own process, its summary saved under `--out`; a run whose summary exists and came from the same code
-(tasks/provenance.py's code digest) is not repeated (delete the folder to start over). Runs differ only in what the
-variant changes (`VARIANTS`: the method, ablations, the baseline controls and the other off-policy estimators) and
-in `seed`, which sets the data order and the sampling seeds; the model, G, B, learning rate, step count and token budgets are those of
-configs/experiment-cpu.yaml for all (grpo-g6 raises G). Both methods generate G rollouts per problem per step, so rollouts are equal by
-construction; generated tokens differ (context prompts change answer lengths, and LANPO's abstractor writes lessons)
-and are reported. Step 0 is the base model, evaluated once per seed. Curves and tables are read back from MLflow.
+Each run is a real `lanpo-train` flow (ephemeral Prefect API, MLflow, LanceDB pool) in its own process; its
+summary goes to `--out` (default docs/results/experiment, where the finished runs and their MLflow store are
+committed) and is reused while its `reuse_key` matches (`job_key`: code, problem sets, resolved config), so an
+interrupted sitting resumes and a changed verifier or dataset re-runs the arm. Arms (`VARIANTS`) differ only in
+what they override and in `seed`, which sets the data order and the sampling seeds; everything else is
+configs/experiment-cpu.yaml (docs/experiment.md: the task, the design, what was cut). The report's numbers are read
+back from the MLflow runs the summaries name: means with t intervals over seeds, arm-minus-lanpo differences with a
+paired bootstrap over seeds, a verdict per claim, per-kind update diagnostics, tokens and time.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +44,10 @@ PLAIN_ONLY = ["lanpo.rollout_mix.plain=1", "lanpo.rollout_mix.reflection=0", "la
 VARIANTS: dict[str, tuple[str, list[str], str, str]] = {
     "lanpo": (CONFIG, [], "main", "LANPO, the defaults (mix 2 plain / 1 reflection / 1 abstraction of G=4)"),
     "grpo": (CONFIG, PLAIN_ONLY, "main", "plain GRPO (mix 4 plain of G=4)"),
-    # equal compute: G=6 plain rollouts per problem, about LANPO's generated tokens (rollouts plus lessons)
-    "grpo-g6": (CONFIG, [*PLAIN_ONLY, "rollout.num_generations=6"], "control",
-                "plain GRPO with G=6: about LANPO's generated tokens"),
+    # equal compute: G=8 plain rollouts per problem, about LANPO's generated tokens (rollouts plus lessons; G=6
+    # gave 0.62x of them: context prompts lengthen LANPO's answers)
+    "grpo-g8": (CONFIG, [*PLAIN_ONLY, "rollout.num_generations=8"], "control",
+                "plain GRPO with G=8: about LANPO's generated tokens"),
     # attribution: is a gain the feedback's, or the shared baseline's?
     "plain-baseline": (CONFIG, ["lanpo.baseline=plain_only"], "control",
                        "LANPO, advantages against the plain rollouts only"),
@@ -72,274 +78,486 @@ VARIANTS: dict[str, tuple[str, list[str], str, str]] = {
                   "LANPO with the shaped token ratio"),
 }
 MAIN = ("lanpo", "grpo")
+
 STAGES = ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync")
-EVAL_KEYS = {"mean_at_2": "zero-shot mean@2 (T=0.7)", "greedy": "zero-shot greedy"}
+KINDS = ("plain", "reflection", "abstraction")
+EVAL_KEYS = {"greedy": "zero-shot greedy", "mean_at_2": "zero-shot mean@2 (T=0.7)"}
 
 
-def common_overrides(seed: int, steps: int | None, out: Path, extra: list[str]) -> list[str]:
+def job_overrides(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> list[str]:
     budget = [f"grpo.steps={steps}", f"eval.every={max(1, steps // 2)}"] if steps else []
-    # eval.at_start off: the base model is evaluated once per seed by its own job (worker_base), not in every arm
-    return [f"seed={seed}", "eval.at_start=false", f"paths.runs_dir={out / 'runs'}",
-            "tracking.experiment=lanpo-compare", *budget, *extra]
+    # eval.at_start off: the base model is evaluated once per seed by its own job (variant "base"), not in every arm
+    common = [f"seed={seed}", "eval.at_start=false", f"paths.runs_dir={out / 'runs'}",
+              "tracking.experiment=lanpo-compare", *budget, *extra]
+    return common if variant == "base" else [*VARIANTS[variant][1], *common]
+
+
+def job_key(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict[str, str]:
+    """What a finished run must match to be reused: the pipeline's code, the problems it saw (ids and gold answers,
+    in order) and its resolved config without paths and tracking (those name where a run lives, not what it is)."""
+    from lanpo_core.config import load_config
+    from lanpo_core.data import load_problems
+    from lanpo_core.runtime import data_dir
+    from tasks.provenance import data_digest
+
+    config = CONFIG if variant == "base" else VARIANTS[variant][0]
+    cfg = load_config(config, job_overrides(variant, seed, steps, out, extra))
+    sets = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
+    settings = cfg.model_dump(mode="json", exclude={"paths", "tracking"})
+    return {"code": code_digest(), "data": data_digest([(f"{i}:{s.name}", s.problems) for i, s in enumerate(sets)]),
+            "config": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def worker_train(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict:
-    from flows.train import lanpo_train
-
-    config, overrides, _, _ = VARIANTS[variant]
+def worker(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict:
     started = time.perf_counter()
-    summary = lanpo_train(config, [*overrides, *common_overrides(seed, steps, out, extra)],
-                          f"compare-{variant}-s{seed}")
+    if variant == "base":
+        from flows.evaluate import lanpo_evaluate
+        from lanpo_core.config import load_config
+        from tasks.tracking import tracking_uri
+
+        overrides = job_overrides(variant, seed, steps, out, extra)
+        summary = lanpo_evaluate(CONFIG, None, overrides, f"compare-base-s{seed}")
+        summary["mlflow_tracking_uri"] = tracking_uri(load_config(CONFIG, overrides))  # the train flow reports it
+    else:
+        from flows.train import lanpo_train
+
+        summary = lanpo_train(VARIANTS[variant][0], job_overrides(variant, seed, steps, out, extra),
+                              f"compare-{variant}-s{seed}")
     return {"variant": variant, "seed": seed, "wall_seconds": time.perf_counter() - started, **summary}
 
 
-def worker_base(seed: int, steps: int | None, out: Path, extra: list[str]) -> dict:
-    from flows.evaluate import lanpo_evaluate
-
-    started = time.perf_counter()
-    metrics = lanpo_evaluate(CONFIG, None, common_overrides(seed, steps, out, extra), f"compare-base-s{seed}")
-    return {"variant": "base", "seed": seed, "wall_seconds": time.perf_counter() - started, **metrics}
-
-
-def run_job(name: str, args: list[str], out: Path, extra: list[str]) -> dict | None:
-    """Run one worker in its own process (a crash costs that run only); its result is `<out>/<name>.json`."""
-    target = out / f"{name}.json"
+def run_job(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict | None:
+    """Run one job in its own process (a crash costs that run only); its result is `<out>/<variant>-s<seed>.json`,
+    reused while its `reuse_key` (`job_key`) matches."""
+    name = f"{variant}-s{seed}"
+    target, key = out / f"{name}.json", job_key(variant, seed, steps, out, extra)
     if target.exists():
         done = json.loads(target.read_text())
-        if done.get("code_digest") == code_digest():
+        if done.get("reuse_key") == key:
             return done
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: its result came from other code; running it again", flush=True)
+        changed = [part for part in key if (done.get("reuse_key") or {}).get(part) != key[part]]
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: its {'/'.join(changed)} changed; running it again", flush=True)
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log, "w") as handle:
-        code = subprocess.call([sys.executable, __file__, "--worker", *args, "--out", str(out),
-                                *[f"--set={x}" for x in extra]], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, __file__, "--worker", variant, str(seed), str(steps or "-"),
+                                "--out", str(out), *[f"--set={x}" for x in extra]],
+                               cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
     if code != 0 or not target.exists():
         print(f"    FAILED (exit {code}); log: {log}", flush=True)
         return None
+    result = json.loads(target.read_text()) | {"reuse_key": key}
+    target.write_text(json.dumps(result, indent=1, default=str))
     print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
-    return json.loads(target.read_text())
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- collect
-def histories(result: dict) -> dict[str, list[tuple[int, float]]]:
+@dataclass
+class Run:
+    """One finished run as its MLflow run holds it."""
+    variant: str
+    seed: int
+    wall: float
+    metrics: dict[str, list[tuple[int, float]]]  # key -> [(step, value)], the full history
+    params: dict[str, str]  # the resolved config as logged
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return self.metrics.get(key, [])
+
+    def last(self, key: str) -> float | None:
+        return self.metrics[key][-1][1] if self.metrics.get(key) else None
+
+    def total(self, *keys: str) -> float:
+        return sum(v for key in keys for _, v in self.series(key))
+
+    def mean(self, key: str, skip_first: bool = False) -> float | None:
+        """Mean over steps; `skip_first` drops step 0 (its generation includes starting the vLLM engine)."""
+        values = [v for s, v in self.series(key) if s > 0 or not skip_first] or [v for _, v in self.series(key)]
+        return statistics.fmean(values) if values else None
+
+    def step_seconds(self) -> list[tuple[int, float]]:
+        """Training time per step (every stage but evaluation)."""
+        per_step: dict[int, float] = {}
+        for stage in STAGES:
+            for s, v in self.series(f"time/{stage}_seconds"):
+                per_step[s] = per_step.get(s, 0.0) + v
+        return sorted(per_step.items())
+
+    def tokens(self) -> tuple[float, float]:
+        """(generated, prompt) tokens over the run: rollouts plus the abstractor's calls."""
+        return (self.total("rollout/completion_tokens", "feedback/abstractor_tokens"),
+                self.total("rollout/prompt_tokens", "feedback/abstractor_prompt_tokens"))
+
+
+def store_uri(out: Path, result: dict) -> str:
+    """The MLflow store beside the summaries (where a committed experiment keeps it), else the one the run named."""
+    return f"sqlite:///{out / 'mlflow.db'}" if (out / "mlflow.db").exists() else result["mlflow_tracking_uri"]
+
+
+def load_runs(out: Path) -> tuple[dict[tuple[str, int], Run], dict[int, dict[str, float]]]:
+    """Every finished run under `out` read back from MLflow: training runs by (variant, seed), base evals by seed."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=result["mlflow_tracking_uri"])
-    run = client.get_run(result["mlflow_run_id"])
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    runs, base = {}, {}
+    for path in sorted(out.glob("*.json")):
+        result = json.loads(path.read_text())
+        if result.get("variant") not in (*VARIANTS, "base"):
+            continue
+        client = MlflowClient(tracking_uri=store_uri(out, result))
+        data = client.get_run(result["mlflow_run_id"]).data
+        logged = data.metrics
+        if result["variant"] == "base":
+            base[result["seed"]] = logged
+            continue
+        history = {key: sorted((m.step, m.value) for m in client.get_metric_history(result["mlflow_run_id"], key))
+                   for key in logged}
+        runs[(result["variant"], result["seed"])] = Run(result["variant"], result["seed"], result["wall_seconds"],
+                                                         history, data.params)
+    return runs, base
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+# ----------------------------------------------------------------------------------------------- statistics
+# two-sided 95 % Student t quantiles by degrees of freedom: with 3-5 seeds the normal 1.96 would be far too narrow
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def fmt(values: list[float], scale: float = 100.0) -> str:
-    if not values:
-        return "n/a"
-    m, s = mean_std([v * scale for v in values])
-    return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean over seeds and its 95 % t interval (nan bounds for one seed)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, math.nan, math.nan
+    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
 
 
-def final(h: dict, key: str) -> float | None:
-    return h[key][-1][1] if h.get(key) else None
+def paired_bootstrap(diffs: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Mean of per-seed differences and the 95 % percentile interval of its bootstrap over seeds. With n seeds the
+    resampled means take few distinct values (n=3: 10), so the interval is coarse and, for n < 5, optimistic."""
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), math.nan, math.nan
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def stage_mean(h: dict, key: str) -> float | None:
-    """Mean of a per-step time over steps >= 1: step 0's generation includes starting the engine (~35 s for vLLM)."""
-    series = h.get(key, [])
-    later = [x for s, x in series if s > 0] or [x for _, x in series]
-    return statistics.fmean(later) if later else None
+def verdict(lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return "not established (one seed: no interval)"
+    return "established" if lo > 0 else "contradicted" if hi < 0 else "not established"
 
 
-def tokens_per_step(h: dict) -> list[tuple[int, float]]:
-    lessons = dict(h.get("feedback/abstractor_tokens", []))
-    return [(s, v + lessons.get(s, 0.0)) for s, v in h.get("rollout/completion_tokens", [])]
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}"
+
+
+def interval(m: float, lo: float, hi: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if math.isnan(lo):
+        return f"{100 * m:{sign}.1f}"
+    return f"{100 * m:{sign}.1f} [{100 * lo:{sign}.1f}, {100 * hi:{sign}.1f}]"
+
+
+class Arms:
+    """The finished runs grouped by arm, with the per-seed numbers the tables and verdicts need."""
+
+    def __init__(self, runs: dict[tuple[str, int], Run], base: dict[int, dict[str, float]]):
+        self.runs, self.base = runs, base
+        self.seeds = {v: sorted(s for vv, s in runs if vv == v) for v in VARIANTS}
+        self.names = [v for v in VARIANTS if self.seeds[v]]
+
+    def of(self, variant: str) -> list[Run]:
+        return [self.runs[(variant, s)] for s in self.seeds[variant]]
+
+    def final(self, variant: str, key: str) -> dict[int, float]:
+        return {r.seed: x for r in self.of(variant) if (x := r.last(f"eval/{BENCH}/{key}")) is not None}
+
+    def paired(self, a: str, b: str, key: str = "greedy") -> tuple[list[int], tuple[float, float, float]]:
+        """a - b on the final `key` accuracy over the seeds both ran (same data order and sampling seeds)."""
+        fa, fb = self.final(a, key), self.final(b, key)
+        shared = sorted(set(fa) & set(fb))
+        return shared, paired_bootstrap([fa[s] - fb[s] for s in shared])
+
+    def paired_mean(self, a: str, b: str, key: str) -> tuple[list[int], tuple[float, float, float]]:
+        """a - b on a per-step training metric (mean over steps), paired by seed."""
+        ma = {r.seed: r.mean(key) for r in self.of(a)}
+        mb = {r.seed: r.mean(key) for r in self.of(b)}
+        shared = sorted(s for s in set(ma) & set(mb) if ma[s] is not None and mb[s] is not None)
+        return shared, paired_bootstrap([ma[s] - mb[s] for s in shared])
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-def plot(runs: dict, base: dict, path: Path) -> None:
+def eval_points(run: Run, base: dict[int, dict[str, float]], key: str) -> list[tuple[int, float, float, float]]:
+    """(step, accuracy, tokens so far, training seconds so far) at each evaluation, step 0 = the base model."""
+    tokens: dict[int, float] = {}
+    for k in ("rollout/completion_tokens", "feedback/abstractor_tokens", "rollout/prompt_tokens",
+              "feedback/abstractor_prompt_tokens"):
+        for s, v in run.series(k):
+            tokens[s] = tokens.get(s, 0.0) + v
+    seconds = dict(run.step_seconds())
+    points = [(0, base[run.seed][key])] if key in base.get(run.seed, {}) else []
+    # the policy evaluated after step s has consumed the tokens and time of steps 0..s-1 (the eval's step is s)
+    return [(s, acc, sum(t for ss, t in tokens.items() if ss < s), sum(t for ss, t in seconds.items() if ss < s))
+            for s, acc in points + run.series(key)]
+
+
+def plot(arms: Arms, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"lanpo": "tab:blue", "grpo": "tab:orange"}
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    colours = dict(zip(arms.names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    curve_arms = [v for v in arms.names if VARIANTS[v][2] in ("main", "control")]
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
     key = f"eval/{BENCH}/greedy"
-    for (variant, seed), h in sorted(runs.items()):
-        if variant not in MAIN:
-            continue
-        start = [(0, base[seed][key])] if seed in base and key in base[seed] else []
-        points = start + h.get(key, [])
-        colour = colours[variant]
-        label = variant if seed == min(s for v, s in runs if v == variant) else None
-        axes[0, 0].plot([s for s, _ in points], [v for _, v in points], marker="o", color=colour, alpha=0.7,
-                        label=label)
-        cumulative, total = {0: 0.0}, 0.0
-        for s, t in tokens_per_step(h):
-            total += t
-            cumulative[s + 1] = total  # the policy after step s has consumed the tokens of steps 0..s
-        xs = [cumulative.get(s, float("nan")) for s, _ in points]
-        axes[0, 1].plot(xs, [v for _, v in points], marker="o", color=colour, alpha=0.7, label=label)
-        for kind, style in (("plain", "-"), ("reflection", "--"), ("abstraction", ":")):
-            series = h.get(f"rollout/reward_{kind}", [])
-            if series:
-                axes[0, 2].plot([s for s, _ in series], [v for _, v in series], style, color=colour, alpha=0.6,
-                                label=f"{variant} {kind}" if label else None)
-        for kind, style in (("reflection", "--"), ("abstraction", ":")):
-            series = h.get(f"feedback/{kind}/dropped", [])
-            audited = dict(h.get(f"feedback/{kind}/audited", []))
-            if audited:
-                axes[1, 0].plot(sorted(audited), [dict(series).get(s, 0.0) for s in sorted(audited)], style,
-                                marker="x", color=colour, label=f"{variant} {kind}" if label else None)
-        pool = h.get("pool/rows", [])
-        axes[1, 1].plot([s for s, _ in pool], [v for _, v in pool], color=colour, alpha=0.7, label=label)
+    for v in curve_arms:
+        points = [eval_points(r, arms.base, key) for r in arms.of(v)]
+        for column, x in ((0, 0), (1, 2), (2, 3)):
+            ax = axes[0, column]
+            for p in points:  # each seed faint, the mean over seeds bold
+                ax.plot([q[x] for q in p], [q[1] for q in p], color=colours[v], alpha=0.25, linewidth=0.8)
+            length = min(len(p) for p in points)
+            ax.plot([statistics.fmean(p[i][x] for p in points) for i in range(length)],
+                    [statistics.fmean(p[i][1] for p in points) for i in range(length)], marker="o",
+                    color=colours[v], label=f"{v} ({len(points)})", linewidth=2 if v in MAIN else 1.2,
+                    linestyle="-" if v in MAIN else "--")
+    for v, style in (("lanpo", "-"), ("naive-same", "--"), ("naive-other", ":")):
+        for kind in KINDS[1:]:
+            runs = arms.of(v) if v in arms.names else []
+            series = [dict(r.series(f"rollout/reward_{kind}")) for r in runs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if steps:
+                axes[1, 0].plot(steps, [statistics.fmean(s[x] for s in series) for x in steps], style,
+                                color="tab:red" if kind == "reflection" else "tab:green", label=f"{v} {kind}")
+    for kind, colour in zip(KINDS, ("tab:blue", "tab:red", "tab:green")):
+        series = [dict(r.series(f"update/kind/{kind}/weight_mass")) for r in arms.of("lanpo")]
+        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        if steps:
+            axes[1, 1].plot(steps, [statistics.fmean(s[x] for s in series) for x in steps], color=colour,
+                            label=f"lanpo {kind}")
     titles = [("held-out greedy accuracy vs step", "step", "accuracy"),
-              ("held-out greedy accuracy vs generated tokens", "tokens (rollouts + lessons)", "accuracy"),
-              ("training reward by rollout kind", "step", "mean reward"),
-              ("leakage-guard drops per step", "step", "contexts dropped"),
-              ("experience pool size", "step", "rows")]
+              ("... vs tokens processed", "tokens (generated + prompt, rollouts + abstractor)", "accuracy"),
+              ("... vs training time", "seconds (training stages, evaluation excluded)", "accuracy"),
+              ("training reward of the context rollouts (mean over seeds)", "step", "mean reward"),
+              ("update weight mass by rollout kind (lanpo)", "step", "weight mass")]
     for ax, (title, xl, yl) in zip(axes.flat, titles):
         ax.set_title(title), ax.set_xlabel(xl), ax.set_ylabel(yl), ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    ax = axes[1, 2]
-    variants = [v for v in MAIN if any(k[0] == v for k in runs)]
-    bottom = [0.0] * len(variants)
+    ax, bottom = axes[1, 2], [0.0] * len(arms.names)
     for stage in STAGES:
-        heights = []
-        for v in variants:
-            per_run = [stage_mean(h, f"time/{stage}_seconds") or 0.0 for (vv, _), h in runs.items() if vv == v]
-            heights.append(statistics.fmean(per_run) if per_run else 0.0)
-        ax.bar(variants, heights, bottom=bottom, label=stage)
-        bottom = [b + x for b, x in zip(bottom, heights)]
+        heights = [statistics.fmean(r.mean(f"time/{stage}_seconds", skip_first=True) or 0.0 for r in arms.of(v))
+                   for v in arms.names]
+        ax.bar(arms.names, heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_title("time per training step by stage"), ax.set_ylabel("seconds"), ax.legend(fontsize=7)
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------- report
-def report(out: Path, path: Path, plot_path: Path) -> str:
-    results = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json"))) if "variant" in r]
-    runs = {(r["variant"], r["seed"]): histories(r) for r in results if r["variant"] in VARIANTS}
-    base = {r["seed"]: r for r in results if r["variant"] == "base"}
-    walls = {(r["variant"], r["seed"]): r["wall_seconds"] for r in results}
+def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
+    runs, base = load_runs(out)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
-    plot(runs, base, plot_path)
-    seeds = {v: sorted(s for vv, s in runs if vv == v) for v in VARIANTS}
-    steps = max(int(r.get("steps") or 0) for r in results)
-    n_eval = "?"
-    for b in base.values():
-        if Path(b.get("predictions", "")).is_file():
-            rows = [json.loads(x) for x in Path(b["predictions"]).open()]
-            n_eval = str(len({r["problem_id"] for r in rows if r["mode"] == "greedy"}))
+    arms = Arms(runs, base)
+    plot(arms, plot_path)
+    first = arms.of("lanpo")[0] if arms.seeds["lanpo"] else next(iter(runs.values()))
+    setup = {k: ast.literal_eval(v) if v.startswith(("[", "{")) else v for k, v in first.params.items()}
+    ranges = " and ".join(f"{lo}..{hi}" for lo, hi in setup["data.train.arithmetic.operand_ranges"] or [])
+    n_eval = min([setup["data.eval"][0]["size"], *([int(setup["eval.limit"])] if setup["eval.limit"] else [])])
+    p = statistics.fmean(x for v in MAIN for x in arms.final(v, "greedy").values())
+    cpus = sorted({f"{r.params.get('hardware/cpu', '?')} ({r.params.get('hardware/torch_threads', '?')} torch threads)"
+                   for r in runs.values()})
     lines = [
         "# Results: LANPO vs plain GRPO on experiment-cpu",
         "",
-        f"Generated by `.venv/bin/python bench/compare.py` on {time.strftime('%Y-%m-%d')} (do not edit by hand; "
-        "the prose that interprets the numbers is in the last section and is regenerated too).",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} from the runs in "
+        f"`{os.path.relpath(out, path.parent)}/` (do not edit by hand; the verdicts are regenerated too). "
+        "Every number is read back from the MLflow run each summary names (the store "
+        f"`{os.path.relpath(out / 'mlflow.db', path.parent)}`, experiment `lanpo-compare`).",
         "",
-        f"Setup: {CONFIG}, the bundled SmolLM2-135M-Instruct, procedural arithmetic (operands 0..20, + - ×; "
-        f"{steps or '?'} steps), held-out split of the same generator ({n_eval} problems, never a training "
-        "question). Seeds: " + ", ".join(f"{v} {seeds[v]}" for v in VARIANTS if seeds[v]) + ".",
-        "Each run is a real `lanpo-train` flow; every number below is read back from its MLflow run "
-        "(experiment `lanpo-compare` in `mlruns/`).",
+        f"**Setup** (from the runs' logged config). {CONFIG}: {setup['model.name_or_path']} on procedural "
+        f"arithmetic, operands {ranges}, operations {' '.join(setup['data.train.arithmetic.operations'])}; "
+        f"{setup['data.train.size']} training problems, B={setup['rollout.batch_problems']}, "
+        f"G={setup['rollout.num_generations']} (grpo-g8: 8), {setup['grpo.steps']} steps, learning rate "
+        f"{setup['grpo.learning_rate']}, training temperature {setup['rollout.temperature']}. Held out: {n_eval} "
+        "problems of the same generator that never share a question with training, scored greedy and "
+        f"mean@{setup['eval.samples']} at T={setup['eval.temperature']}. One run's greedy accuracy has a standard "
+        f"error of about {100 * math.sqrt(p * (1 - p) / n_eval):.1f} points from the finite held-out set alone; the "
+        "intervals below are over seeds (seed = data order and sampling seeds), which include it. CPU: "
+        f"{', '.join(cpus)}. Why this task, and what was cut: docs/experiment.md.",
         "",
-        f"![curves]({os.path.relpath(plot_path, path.parent)})",
-        "",
-        "## Final held-out accuracy (%, mean ± std over seeds)",
-        "",
-        "| method | seeds | " + " | ".join(EVAL_KEYS.values())
-        + " | rollouts | generated tokens | prompt tokens | wall time (s) |",
-        "|---|---|" + "---|" * (len(EVAL_KEYS) + 4),
     ]
-    if base:
-        row = [fmt([b[f"eval/{BENCH}/{k}"] for b in base.values() if f"eval/{BENCH}/{k}" in b]) for k in EVAL_KEYS]
-        lines.append(f"| base model (step 0) | {len(base)} | " + " | ".join(row) + " | 0 | 0 | 0 | |")
-    summary: dict[str, dict] = {}
-    for v in VARIANTS:
-        hs = [runs[(v, s)] for s in seeds[v]]
-        if not hs:
-            continue
-        accs = {k: [final(h, f"eval/{BENCH}/{k}") for h in hs] for k in EVAL_KEYS}
-        accs = {k: [x for x in xs if x is not None] for k, xs in accs.items()}
-        tokens = [sum(t for _, t in tokens_per_step(h)) for h in hs]
-        prompt_tokens = [sum(x for key in ("rollout/prompt_tokens", "feedback/abstractor_prompt_tokens")
-                             for _, x in h.get(key, [])) for h in hs]
-        rollouts = [sum(sum(x for _, x in h.get(f"mix/{k}", [])) for k in ("plain", "reflection", "abstraction"))
-                    for h in hs]
-        summary[v] = {"accs": accs, "tokens": tokens,
-                      "by_seed": {s: final(runs[(v, s)], f"eval/{BENCH}/greedy") for s in seeds[v]}}
-        wall = [walls[(v, s)] for s in seeds[v]]
-        lines.append(f"| {v} | {len(hs)} | " + " | ".join(fmt(accs[k]) for k in EVAL_KEYS)
-                     + f" | {statistics.fmean(rollouts):.0f} | {statistics.fmean(tokens):,.0f}"
-                     + f" | {statistics.fmean(prompt_tokens):,.0f} | "
-                     + f"{statistics.fmean(wall):.0f} ({', '.join(f'{w:.0f}' for w in wall)}) |")
-    lines += ["", "Rollouts = problems x G over all steps (equal by construction). Generated tokens = rollout "
-              "completions plus the abstractor's lessons; prompt tokens = what the rollouts and the abstractor read (contexts "
-              "make LANPO's prompts longer). Wall time: mean (each seed); a run that shared the two cores "
-              "with other work is slower, so compare stage times, not wall times, across runs. Ablations ran with "
-              "one seed; compare them with the same seed of `lanpo` (first seed), not with the mean.", ""]
-
-    step_seconds: dict[str, float] = {}
-    lines += ["## Time per training step by stage (s, mean over steps and seeds)", "",
-              "| method | " + " | ".join(STAGES) + " | total | eval (zero-shot) | eval (feedback) |",
-              "|---|" + "---|" * (len(STAGES) + 3)]
-    for v in VARIANTS:
-        hs = [runs[(v, s)] for s in seeds[v]]
-        if not hs:
-            continue
-
-        def avg(key: str) -> float:
-            xs = [x for x in (stage_mean(h, key) for h in hs) if x is not None]
-            return statistics.fmean(xs) if xs else 0.0
-        stage_times = [avg(f"time/{s}_seconds") for s in STAGES]
-        step_seconds[v] = sum(stage_times)
-        lines.append(f"| {v} | " + " | ".join(f"{x:.2f}" for x in stage_times) + f" | {sum(stage_times):.1f} | "
-                     f"{avg('time/eval_seconds'):.1f} | {avg('time/eval_feedback_seconds'):.1f} |")
-    lines += ["", "Steps >= 1 (step 0's generation includes starting the vLLM engine). "
-              "`reflection`/`abstraction`: building the contexts (abstraction includes the abstractor's "
-              "generation); `generate`: the rollout engine call; `verify`: scoring; `pool`: the LanceDB write; "
-              "`update`: the GRPO optimiser step; `sync`: checkpoint write plus the in-place weight sync of the "
-              "rollout engine.", ""]
-
-    lines += ["## LANPO internals (sum over steps, mean over seeds)", "",
-              "| method | reflection contexts | abstraction contexts | guard drops | lessons generated | "
-              "reward plain | reward reflection | reward abstraction |", "|---|---|---|---|---|---|---|---|"]
-    for v in VARIANTS:
-        hs = [runs[(v, s)] for s in seeds[v]]
-        if not hs or v == "grpo":
-            continue
-
-        def total(key: str) -> float:
-            return statistics.fmean(sum(x for _, x in h.get(key, [])) for h in hs)
-
-        def reward(kind: str) -> str:
-            xs = [statistics.fmean(x for _, x in h[f"rollout/reward_{kind}"]) for h in hs
-                  if h.get(f"rollout/reward_{kind}")]
-            return f"{statistics.fmean(xs):.3f}" if xs else "n/a"
-        drops = total("feedback/reflection/dropped") + total("feedback/abstraction/dropped")
-        lines.append(f"| {v} | {total('feedback/reflection/built'):.0f} | {total('feedback/abstraction/built'):.0f} | "
-                     f"{drops:.0f} | {total('feedback/abstraction/lessons_generated'):.0f} | {reward('plain')} | "
-                     f"{reward('reflection')} | {reward('abstraction')} |")
-    lines += [""]
-
+    lines += verdict_section(arms)
+    lines += accuracy_section(arms)
+    lines += [f"![curves]({os.path.relpath(plot_path, path.parent)})", "",
+              "Top: greedy held-out accuracy (step 0 = base model) against steps, tokens processed and training "
+              "time; faint lines are seeds, bold/dashed the mean. Bottom: training reward of the reflection (red) "
+              "and abstraction (green) rollouts for lanpo and the two failure-mode controls; LANPO's update weight "
+              "mass per rollout kind; time per step by stage.", ""]
+    lines += diagnostics_section(arms)
+    lines += time_section(arms)
     mech = out / "mechanism.json"
     if mech.exists():
         lines += mechanism_section(json.loads(mech.read_text()))
-    lines += findings(summary, seeds, step_seconds)
+    missing = [f"{v}" for v in VARIANTS if not arms.seeds[v]]
+    if missing:
+        lines += ["## Not run", "", f"{', '.join(missing)}: no finished run yet (`bench/compare.py` runs what is "
+                  "missing and keeps what is finished).", ""]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def verdict_section(arms: Arms) -> list[str]:
+    lines = ["## Verdicts", "",
+             "Each claim is a paired difference of final zero-shot greedy accuracy (points, mean over the seeds both "
+             "arms ran, 95 % bootstrap interval over seeds): *established* if the interval excludes 0 in the "
+             "claim's direction, *contradicted* if it excludes 0 in the other, else *not established*.", ""]
+
+    def claim(text: str, a: str, b: str, extra: str = "") -> None:
+        if not (arms.seeds[a] and arms.seeds[b]):
+            lines.append(f"- {text}: not run yet ({a if not arms.seeds[a] else b} has no finished run).")
+            return
+        seeds, (m, lo, hi) = arms.paired(a, b)
+        _, mean2 = arms.paired(a, b, "mean_at_2")
+        lines.append(f"- {text}: {a} - {b} = {interval(m, lo, hi, True)} greedy, {interval(*mean2, True)} "
+                     f"mean@2 (seeds {seeds}): **{verdict(lo, hi)}**.{extra}")
+
+    def leak(a: str) -> str:
+        """How far the context rollouts' training reward ran ahead of the plain ones' (the leak shows here)."""
+        if not arms.seeds[a]:
+            return ""
+        kind = "reflection" if a == "naive-same" else "abstraction"
+        _, (m, lo, hi) = arms.paired_mean(a, "lanpo", f"rollout/reward_{kind}")
+        return (f" Training reward of its {kind} rollouts vs lanpo's: {interval(m, lo, hi, True)} points "
+                "(a leak shows as a higher training reward that zero-shot accuracy does not follow).")
+
+    lanpo_tokens = sum(r.tokens()[0] for r in arms.of("lanpo")) / max(1, len(arms.of("lanpo")))
+    g8_tokens = sum(r.tokens()[0] for r in arms.of("grpo-g8")) / max(1, len(arms.of("grpo-g8")))
+    claim("LANPO beats GRPO at an equal number of rollouts", "lanpo", "grpo")
+    claim("LANPO beats GRPO at about equal generated tokens (GRPO with G=8)", "lanpo", "grpo-g8",
+          f" Generated tokens, grpo-g8 / lanpo: {g8_tokens / lanpo_tokens:.2f}." if g8_tokens and lanpo_tokens else "")
+    claim("Reward-agnostic reflection avoids the leak of naive same-problem feedback", "lanpo", "naive-same",
+          leak("naive-same"))
+    claim("Relevant abstraction avoids the collapse of raw other-problem experiences", "lanpo", "naive-other",
+          leak("naive-other"))
+    claim("The context rollouts' gradient helps (vs context rollouts left out of the update)", "lanpo",
+          "context-out")
+    claim("The shared baseline is not the source of a difference (vs plain-only baseline; 'not established' is "
+          "the expected outcome)", "lanpo", "plain-baseline")
+    mass, count = kind_mass(arms.of("lanpo")) if arms.seeds["lanpo"] else ({}, {})
+    if sum(mass.values()) and sum(count.values()):
+        context = [k for k in KINDS if k != "plain"]
+        lines.append(f"- What the feedback could move: in lanpo the context rollouts were "
+                     f"{100 * sum(count[k] for k in context) / sum(count.values()):.0f} % of the rollouts trained and "
+                     f"carried {100 * sum(mass[k] for k in context) / sum(mass.values()):.0f} % of the update's signal "
+                     "(sum |A·w|; per kind in \"What reached the update\").")
+    ablations = [v for v in arms.names if VARIANTS[v][2] == "ablation"]
+    if ablations:
+        diffs = [arms.final("lanpo", "greedy")[s] - arms.final("grpo", "greedy")[s]
+                 for s in set(arms.final("lanpo", "greedy")) & set(arms.final("grpo", "greedy"))]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+        parts = []
+        for v in ablations:
+            _, (m, _, _) = arms.paired(v, "lanpo")
+            size = "beyond" if not math.isnan(sd) and abs(m) > sd else "within"
+            parts.append(f"{v} {100 * m:+.1f} ({size})")
+        lines.append(f"- Components (ablations, {len(arms.seeds[ablations[0]])} seed each, ablation - lanpo on the "
+                     f"same seed): {'; '.join(parts)}. With one seed there is no interval; 'within' means inside "
+                     f"one standard deviation of the lanpo - grpo seed-paired differences ({pct(sd)} points), i.e. "
+                     "not distinguishable from run-to-run noise here.")
+    return lines + [""]
+
+
+def accuracy_section(arms: Arms) -> list[str]:
+    lines = ["## Final held-out accuracy", "",
+             "Mean over seeds [95 % t interval], %. Δ: the arm minus lanpo on the seeds both ran [95 % paired "
+             "bootstrap]. Tokens and wall time are means per run.", "",
+             "| arm | group | seeds | " + " | ".join(EVAL_KEYS.values()) + " | Δ greedy vs lanpo | rollouts | "
+             "generated tokens | prompt tokens | wall time (s) |", "|---|---|---|" + "---|" * (len(EVAL_KEYS) + 5)]
+    if arms.base:
+        cells = [interval(*mean_ci([b[f"eval/{BENCH}/{k}"] for b in arms.base.values()])) for k in EVAL_KEYS]
+        lines.append(f"| base model (step 0) | | {len(arms.base)} | " + " | ".join(cells) + " | | 0 | 0 | 0 | |")
+    for v in arms.names:
+        runs = arms.of(v)
+        cells = [interval(*mean_ci(list(arms.final(v, k).values()))) if arms.final(v, k) else "n/a"
+                 for k in EVAL_KEYS]
+        delta = "" if v == "lanpo" else interval(*arms.paired(v, "lanpo")[1], signed=True)
+        rollouts = statistics.fmean(r.total(*(f"mix/{k}" for k in KINDS)) for r in runs)
+        generated, prompt = (statistics.fmean(t) for t in zip(*(r.tokens() for r in runs)))
+        lines.append(f"| {v} | {VARIANTS[v][2]} | {len(runs)} | " + " | ".join(cells) + f" | {delta} | "
+                     f"{rollouts:.0f} | {generated:,.0f} | {prompt:,.0f} | "
+                     f"{statistics.fmean(r.wall for r in runs):.0f} |")
+    lines += ["", "Arms: " + "; ".join(f"**{v}** {VARIANTS[v][3]}" for v in arms.names) + ".", ""]
+    return lines
+
+
+def kind_mass(runs: list[Run]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per rollout kind, the update's signal sum |A·w| and the rollouts trained, over all steps, mean over runs."""
+    mass = {k: statistics.fmean(r.total(f"update/kind/{k}/weight_mass") for r in runs) for k in KINDS}
+    count = {k: statistics.fmean(r.total(f"update/count/{k}") for r in runs) for k in KINDS}
+    return mass, count
+
+
+def diagnostics_section(arms: Arms) -> list[str]:
+    lines = ["## What reached the update, per arm", "",
+             "Over all steps, mean over seeds. Mass: each kind's share of the update's signal, sum |A·w| over its "
+             "rollouts after the off-policy weights (docs/update.md, \"Per-kind diagnostics\"), and per rollout of "
+             "the kind; plain GRPO's per-rollout mass is the yardstick. Weight: mean off-policy weight of the "
+             "context rollouts with signal (1 = trained as if on-policy), ESS their effective sample size as a "
+             "fraction of their count. Negatives dropped: context rollouts with a negative advantage, left out by "
+             "the default `lanpo.offpolicy.negative_advantage` (the keep-negatives ablation keeps them). Guard: "
+             "contexts the leakage guard dropped (in parentheses: would have "
+             "dropped, for the failure controls that run without it). Reward: training reward by rollout kind.", "",
+             "| arm | mass share plain / refl. / abstr. (%) | mass per rollout plain / refl. / abstr. | weight refl. / "
+             "abstr. | ESS refl. / abstr. | negatives dropped refl. / abstr. | guard dropped (would drop) | lessons | "
+             "reward plain / refl. / abstr. |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def avg(runs: list[Run], key: str) -> str:
+        xs = [x for x in (r.mean(key) for r in runs) if x is not None]
+        return f"{statistics.fmean(xs):.3f}" if xs else "-"
+
+    def tot(runs: list[Run], *keys: str) -> float:
+        return statistics.fmean(r.total(*keys) for r in runs)
+
+    for v in arms.names:
+        runs = arms.of(v)
+        mass, count = kind_mass(runs)
+        share = " / ".join(f"{100 * mass[k] / sum(mass.values()):.0f}" if sum(mass.values()) else "-" for k in KINDS)
+        per = " / ".join(f"{mass[k] / count[k]:.3f}" if count[k] and mass[k] else "-" for k in KINDS)
+        weight = " / ".join(avg(runs, f"update/kind/{k}/weight_mean") for k in KINDS[1:])
+        ess = " / ".join(avg(runs, f"update/kind/{k}/ess_frac") for k in KINDS[1:])
+        negatives = " / ".join(f"{tot(runs, f'update/kind/{k}/dropped_negatives'):.0f}" for k in KINDS[1:])
+        dropped = tot(runs, *(f"feedback/{k}/dropped" for k in KINDS[1:]))
+        would = tot(runs, *(f"feedback/{k}/would_drop" for k in KINDS[1:]))
+        reward = " / ".join(avg(runs, f"rollout/reward_{k}") for k in KINDS)
+        lines.append(f"| {v} | {share} | {per} | {weight} | {ess} | {negatives} | {dropped:.0f} ({would:.0f}) | "
+                     f"{tot(runs, 'feedback/abstraction/lessons_generated'):.0f} | {reward} |")
+    return lines + [""]
+
+
+def time_section(arms: Arms) -> list[str]:
+    lines = ["## Time per training step by stage (s, steps >= 1, mean over steps and seeds)", "",
+             "| arm | " + " | ".join(STAGES) + " | total | eval |", "|---|" + "---|" * (len(STAGES) + 2)]
+    for v in arms.names:
+        runs = arms.of(v)
+        times = [statistics.fmean(r.mean(f"time/{s}_seconds", skip_first=True) or 0.0 for r in runs) for s in STAGES]
+        evals = statistics.fmean(r.mean("time/eval_seconds") or 0.0 for r in runs)
+        lines.append(f"| {v} | " + " | ".join(f"{x:.2f}" for x in times) + f" | {sum(times):.1f} | {evals:.1f} |")
+    return lines + ["", "`reflection`/`abstraction`: building the contexts (abstraction includes the abstractor's "
+                    "generation); `generate`: the rollout engine call; `verify`: scoring; `pool`: the LanceDB write; "
+                    "`update`: the optimiser step; `sync`: checkpoint write plus the rollout engine's weight sync. "
+                    "Step 0 is left out (its generation includes starting the vLLM engine).", ""]
 
 
 def mechanism_section(m: dict) -> list[str]:
@@ -350,51 +568,18 @@ def mechanism_section(m: dict) -> list[str]:
         lessons = "; ".join(r["lessons"][:2]) or "(none)"
         lines.append(f"| {r['abstractor']} | {r['rollouts_per_kind']} | {r['reward_plain']:.3f} | "
                      f"{r['reward_abstraction']:.3f} | {r['contexts']} | {r['guard_dropped']} | {lessons} |")
+    lines += ["", f"What the update would give these rollouts ({m['offpolicy']['correction']} estimator, negatives "
+              f"{m['offpolicy']['negative_advantage']}): per kind, the rollouts with signal, their mean off-policy "
+              "weight and ESS fraction, the signal sum |A·w|, and the mean log-ratio per token of the plain-prompt "
+              "policy to the sampling prompt.", "",
+              "| abstractor | kind | trained | weight mean | ESS | weight mass | negatives dropped | log-ratio/token |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in m["results"]:
+        for kind, d in sorted(r.get("kind_diagnostics", {}).items()):
+            lines.append(f"| {r['abstractor']} | {kind} | {d['trained']:.0f} | {d['weight_mean']:.3f} | "
+                         f"{d['ess_frac']:.3f} | {d['weight_mass']:.1f} | {d['dropped_negatives']:.0f} | "
+                         f"{r['log_ratios'][kind]['token_mean']:+.3f} |")
     return lines + ["", m.get("verdict", ""), ""]
-
-
-def findings(summary: dict, seeds: dict, step_seconds: dict[str, float]) -> list[str]:
-    lines = ["## What this shows", ""]
-    if "lanpo" in summary and "grpo" in summary:
-        for key, label in EVAL_KEYS.items():
-            a, b = summary["lanpo"]["accs"][key], summary["grpo"]["accs"][key]
-            if not a or not b:
-                continue
-            (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-            diff = (ma - mb) * 100
-            noise = max(sa, sb) * 100
-            verdict = ("within the seed-to-seed spread: no difference is established at this scale"
-                       if abs(diff) <= noise else ("LANPO ahead" if diff > 0 else "GRPO ahead")
-                       + " by more than one standard deviation")
-            lines.append(f"- {label}: LANPO {ma * 100:.1f} vs GRPO {mb * 100:.1f} ({diff:+.1f} points, "
-                         f"spread {noise:.1f}): {verdict}.")
-        paired = [(summary["lanpo"]["by_seed"][s], summary["grpo"]["by_seed"][s])
-                  for s in seeds["lanpo"] if s in summary["grpo"]["by_seed"]]
-        if paired:
-            diffs = ", ".join(f"{(a - b) * 100:+.1f}" for a, b in paired)
-            wins = sum(a > b for a, b in paired)
-            lines.append(f"- Zero-shot greedy, paired by seed (same data order and sampling seeds): LANPO - GRPO = "
-                         f"{diffs} points; LANPO ahead on {wins} of {len(paired)} seeds.")
-        ratio = statistics.fmean(summary["lanpo"]["tokens"]) / statistics.fmean(summary["grpo"]["tokens"])
-        lines.append(f"- LANPO generated {ratio:.2f}x the tokens of GRPO for the same number of rollouts.")
-        if step_seconds.get("grpo"):
-            lines.append(f"- A LANPO training step took {step_seconds['lanpo'] / step_seconds['grpo']:.2f}x the time "
-                         "of a GRPO step (the stage table: the difference is the abstractor's generation).")
-    if "lanpo" in summary and seeds.get("lanpo"):
-        ref = summary["lanpo"]["accs"]["greedy"][0] if summary["lanpo"]["accs"]["greedy"] else None
-        for v in VARIANTS:
-            if v in MAIN or v not in summary or not summary[v]["accs"]["greedy"] or ref is None:
-                continue
-            d = (summary[v]["accs"]["greedy"][0] - ref) * 100
-            spread = max(mean_std(summary[m]["accs"]["greedy"])[1] for m in MAIN if m in summary) * 100
-            size = "larger than" if abs(d) > spread else "within"
-            lines.append(f"- {v}: greedy {summary[v]['accs']['greedy'][0] * 100:.1f} ({d:+.1f} vs lanpo seed "
-                         f"{seeds['lanpo'][0]}: {size} the seed-to-seed spread of {spread:.1f}; one seed only).")
-    missing = [v for v in VARIANTS if v not in summary]
-    if missing:
-        lines.append(f"- Not run yet: {', '.join(missing)}. `bench/compare.py` runs whatever is missing and keeps "
-                     "what is finished.")
-    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -406,28 +591,24 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", default="0", help="seeds of the ablations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="override grpo.steps (default: the config's)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "compare"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "experiment"),
+                    help="summaries and (unless MLFLOW_TRACKING_URI is set) the MLflow store")
     ap.add_argument("--report", default=str(REPO / "docs" / "results.md"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run (smoke tests: a tiny model, fewer eval problems)")
     ap.add_argument("--no-mechanism", action="store_true", help="skip bench/mechanism.py")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    steps = args.steps
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     if args.worker:
-        kind, seed = args.worker[0], int(args.worker[1])
-        steps = int(args.worker[2]) if len(args.worker) > 2 and args.worker[2] != "-" else None
-        result = (worker_base(seed, steps, out, args.set) if kind == "base"
-                  else worker_train(kind, seed, steps, out, args.set))
-        result["code_digest"] = code_digest()  # a result is reused only by the same code
-        name = f"{kind}-s{seed}"
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+        variant, seed, steps = args.worker[0], int(args.worker[1]), None if args.worker[2] == "-" else int(args.worker[2])
+        result = worker(variant, seed, steps, out, args.set)
+        (out / f"{variant}-s{seed}.json").write_text(json.dumps(result, indent=1, default=str))
         return
     report_path = Path(args.report).resolve()
-    plot_path = report_path.parent / "results" / "curves.png"
     if not args.report_only:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in variants if v not in VARIANTS]
@@ -435,25 +616,25 @@ def main() -> None:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
         seeds = {"main": args.seeds, "control": args.control_seeds, "ablation": args.ablation_seeds}
         seeds = {group: [int(x) for x in text.split(",") if x.strip()] for group, text in seeds.items()}
-        step_arg = str(steps) if steps else "-"
         started = time.perf_counter()
         # the main comparison seed by seed (so an interrupted run leaves paired seeds), then controls, ablations
         for seed in seeds["main"]:
-            run_job(f"base-s{seed}", ["base", str(seed), step_arg], out, args.set)
+            run_job("base", seed, args.steps, out, args.set)
             for v in variants:
                 if VARIANTS[v][2] == "main":
-                    run_job(f"{v}-s{seed}", [v, str(seed), step_arg], out, args.set)
+                    run_job(v, seed, args.steps, out, args.set)
         for group in ("control", "ablation"):
             for seed in seeds[group]:
                 for v in variants:
                     if VARIANTS[v][2] == group:
-                        run_job(f"{v}-s{seed}", [v, str(seed), step_arg], out, args.set)
+                        run_job(v, seed, args.steps, out, args.set)
         if not args.no_mechanism and not (out / "mechanism.json").exists():
             print(f"[{time.strftime('%H:%M:%S')}] mechanism check ...", flush=True)
             subprocess.call([sys.executable, str(REPO / "bench" / "mechanism.py"), "--out",
                              str(out / "mechanism.json")], cwd=REPO)
         print(f"all runs: {time.perf_counter() - started:.0f} s", flush=True)
-    report(out, report_path, plot_path)
+    command = "bench/compare.py " + " ".join(sys.argv[1:])
+    report(out, report_path, report_path.parent / "results" / "curves.png", command.strip())
     print(f"report: {report_path}")
 
 

@@ -19,6 +19,10 @@ configs/tiny-cpu.yaml, the verifier, a LanceDB pool with MiniLM embeddings, `Fee
    `extractive` (no model: the number-free statements that recur in the retrieved problems, so the result does not
    depend on how well a 135M model summarises) and `policy` (the tiny model itself writes the lessons, as in a
    default run).
+3. For each abstractor, what a training update would give those rollouts, without training: each target with
+   lessons is one group (its G plain and G abstraction rollouts, the latter trained under the plain prompt), scored
+   by the trainer's `PolicyUpdater.offpolicy_diagnostics` under the config's `lanpo.offpolicy` estimator: per kind
+   `loss.kind_diagnostics` (docs/update.md, "Per-kind diagnostics") and log pi(y|q_plain) - log mu(y|q_sample).
 The pool is only read in step 2 (a builder never writes), so both abstractors see the same pool.
 Pass: abstraction-conditioned rollouts score higher than plain ones with the extractive abstractor, and the guard
 drops nothing and no context holds the target's gold answer (checked again here, independently of the guard).
@@ -34,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,51 +67,57 @@ def lumen_family(stated: int, targets: int, seed: int = 0):
     return [make(True) for _ in range(stated)], [make(False) for _ in range(targets)]
 
 
-def rollouts(engine, problems, messages_for, n: int, sampling, verifier) -> list[dict]:
+def rollouts(engine, problems, messages_for, kind: str, n: int, sampling, verifier) -> list:
+    """n rollouts of `kind` per problem that has messages, scored as a training step scores them (`step.Rollout`)."""
     from lanpo_core.rollout import RolloutRequest
+    from lanpo_core.step import score_rollouts
 
-    requests = [RolloutRequest(messages=m, n=n, tags={"problem_id": p.id})
+    requests = [RolloutRequest(messages=m, n=n, tags={"problem_id": p.id, "kind": kind})
                 for p in problems if (m := messages_for(p)) is not None]
-    completions = engine.generate(requests, sampling)
-    by_id = {p.id: p for p in problems}
-    scores = verifier.score_batch((c.text, by_id[c.tags["problem_id"]].answer) for c in completions)
-    return [{"problem_id": c.tags["problem_id"], "text": c.text, "reward": s.reward, "extracted": s.extracted}
-            for c, s in zip(completions, scores)]
+    return score_rollouts(engine.generate(requests, sampling), problems, verifier, policy_version=0)
 
 
-def mean_reward(rows: list[dict]) -> float:
-    rewards = [r["reward"] for r in rows if r["reward"] is not None]
+def mean_reward(rows: list) -> float:
+    rewards = [r.reward for r in rows if r.reward is not None]
     return statistics.fmean(rewards) if rewards else float("nan")
+
+
+def update_diagnostics(updater, cfg, problems, rows: list) -> tuple[dict, dict]:
+    """What an update on `rows` (one group per problem) would see at the current weights, without training
+    (`PolicyUpdater.offpolicy_diagnostics`): per kind `loss.kind_diagnostics` under the config's estimator, and the
+    kind's log-ratios."""
+    from lanpo_core.step import plain_prompt_ids, training_samples
+
+    samples, _ = training_samples(rows, plain_prompt_ids(problems, updater.tokenizer, cfg), cfg)
+    if not samples:
+        return {}, {}
+    correction = cfg.lanpo.offpolicy.correction
+    estimators, log_ratios = updater.offpolicy_diagnostics(samples, [correction])
+    return estimators[correction], log_ratios
 
 
 def run(stated: int, targets: int, g: int, seed: int, config: str,
         abstractors: tuple[str, ...] = ("extractive", "policy")) -> dict:
     from lanpo_core.config import load_config
     from lanpo_core.feedback import FeedbackBuilder, engine_abstractor, solve_messages
-    from lanpo_core.models import load_embedder
-    from lanpo_core.pool import ExperiencePool, RolloutRecord
-    from lanpo_core.rollout import SamplingSpec, make_engine
-    from lanpo_core.verify import Verifier, answer_in_text
+    from lanpo_core.rollout import SamplingSpec
+    from lanpo_core.runtime import Runtime
+    from lanpo_core.step import pool_records
+    from lanpo_core.verify import answer_in_text
 
     cfg = load_config(config, [f"seed={seed}"])
     known, unknown = lumen_family(stated, targets, seed)
     sampling = SamplingSpec.from_config(cfg, seed=seed)
     timings: dict[str, float] = {}
-    with make_engine(cfg) as engine, Verifier.from_config(cfg.verify) as verifier, \
-            tempfile.TemporaryDirectory() as tmp:
-        pool = ExperiencePool(Path(tmp) / "pool", "mechanism", embedder=load_embedder(cfg.pool.embedding_model))
+    with tempfile.TemporaryDirectory() as tmp, closing(Runtime(cfg, Path(tmp) / "run", "mechanism")) as rt:
+        # a training run's objects: the engine generates with the updater's weights, which score the rollouts
+        engine, verifier, pool = rt.engine, rt.verifier, rt.pool
         started = time.perf_counter()
-        seen = rollouts(engine, known, lambda p: solve_messages(p.question, cfg.prompts), g, sampling, verifier)
-        by_id = {p.id: p for p in known}
-        counter: dict[str, int] = {}
-        records = []
-        for r in seen:
-            i = counter[r["problem_id"]] = counter.get(r["problem_id"], -1) + 1
-            records.append(RolloutRecord.for_problem(by_id[r["problem_id"]], rollout_index=i, kind="plain",
-                                                     response=r["text"], reward=r["reward"],
-                                                     extracted_answer=r["extracted"]))
-        pool.write_step(0, records)
-        plain = rollouts(engine, unknown, lambda p: solve_messages(p.question, cfg.prompts), g, sampling, verifier)
+        seen = rollouts(engine, known, lambda p: solve_messages(p.question, cfg.prompts), "plain", g, sampling,
+                        verifier)
+        pool.write_step(0, pool_records(seen, known))
+        plain = rollouts(engine, unknown, lambda p: solve_messages(p.question, cfg.prompts), "plain", g, sampling,
+                         verifier)
         timings["pool_and_plain_seconds"] = time.perf_counter() - started
 
         policy_abstractor = engine_abstractor(engine, cfg, seed)  # the training step's abstractor, seeded by `seed`
@@ -123,13 +134,15 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
             # independent recheck of what the guard passed: the gold in any audited part (the lessons)
             leaks = sum(any(answer_in_text(p.answer, part) for part in c.audited)
                         for p in unknown if (c := contexts[p.id]))
-            rows = rollouts(engine, unknown, lambda p: contexts[p.id].messages if contexts[p.id] else None, g,
-                            sampling, verifier)
+            rows = rollouts(engine, unknown, lambda p: contexts[p.id].messages if contexts[p.id] else None,
+                            "abstraction", g, sampling, verifier)
             with_context = {pid for pid, c in contexts.items() if c}
+            plain_here = [r for r in plain if r.problem_id in with_context]
+            diagnostics, log_ratios = update_diagnostics(rt.updater, cfg, unknown, plain_here + rows)
             results.append({
                 "abstractor": name,
                 "rollouts_per_kind": g * len(with_context),
-                "reward_plain": mean_reward([r for r in plain if r["problem_id"] in with_context]),
+                "reward_plain": mean_reward(plain_here),
                 "reward_plain_all_targets": mean_reward(plain),
                 "reward_abstraction": mean_reward(rows),
                 "contexts": len(with_context),
@@ -139,8 +152,10 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
                 "gold_in_context_recheck": int(leaks),
                 "no_source": int(batch.stats["abstraction/no_source"]),
                 "lessons": sorted({x for c in contexts.values() if c for x in c.lessons}),
-                "examples": [{"lessons": list(contexts[r["problem_id"]].lessons), "answer": r["text"][:200],
-                              "reward": r["reward"]} for r in rows[: 2 * g : g]],
+                "examples": [{"lessons": list(contexts[r.problem_id].lessons), "answer": r.text[:200],
+                              "reward": r.reward} for r in rows[: 2 * g : g]],
+                "kind_diagnostics": diagnostics,
+                "log_ratios": log_ratios,
                 "seconds": time.perf_counter() - started,
             })
     ext = results[0]
@@ -161,9 +176,10 @@ def run(stated: int, targets: int, g: int, seed: int, config: str,
                         f"{stated} stated problems x {g} plain rollouts fill the pool, then {targets} target problems "
                         f"without the convention get {g} plain and {g} abstraction rollouts each (real SmolLM2-135M, "
                         f"T={cfg.rollout.temperature}, threshold {cfg.lanpo.abstraction.min_similarity}, top-k "
-                        f"{cfg.lanpo.abstraction.top_k})."),
+                        f"{cfg.lanpo.abstraction.top_k}; update diagnostics under the "
+                        f"`{cfg.lanpo.offpolicy.correction}` estimator)."),
         "reward_stated": mean_reward(seen), "results": results, "passed": passed, "verdict": verdict,
-        "timings": timings, "config": config, "seed": seed,
+        "offpolicy": cfg.lanpo.offpolicy.model_dump(), "timings": timings, "config": config, "seed": seed,
     }
 
 
@@ -183,6 +199,14 @@ def main() -> None:
         print(f"{r['abstractor']:<11} {r['targets']:>7} {r['contexts']:>8} {r['reward_plain']:>6.3f} "
               f"{r['reward_abstraction']:>6.3f} {r['guard_dropped']:>7} {r['gold_in_context_recheck']:>5}")
         print(f"  lessons: {r['lessons'][:3]}")
+    print(f"\nwhat an update ({result['offpolicy']['correction']}) would give them, one group per target with lessons:")
+    print(f"{'abstractor':<11} {'kind':<12} {'trained':>7} {'w mean':>6} {'ESS/n':>6} {'w mass':>7} {'w all':>6} "
+          f"{'ESS all':>7} {'log-ratio/tok':>13}")
+    for r in result["results"]:
+        for kind, f in r["kind_diagnostics"].items():
+            print(f"{r['abstractor']:<11} {kind:<12} {f['trained']:>7.0f} {f['weight_mean']:>6.3f} "
+                  f"{f['ess_frac']:>6.3f} {f['weight_mass']:>7.3f} {f['weight_mean_all']:>6.3f} "
+                  f"{f['ess_frac_all']:>7.3f} {r['log_ratios'][kind]['token_mean']:>+13.4f}")
     print(result["verdict"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

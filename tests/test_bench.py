@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_model_path, monkeypatch):
     from mlflow import MlflowClient
 
+    from tasks.provenance import code_digest
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out, report = tmp_path / "compare", tmp_path / "docs" / "results.md"
@@ -36,12 +38,13 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
         assert summary["steps"] == 2
         assert summary["mlflow_tracking_uri"] == uri
         metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
-        row = next(line for line in text.splitlines() if line.startswith(f"| {variant} | 1 |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {variant} | main | 1 |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        # zero-shot mean@2 and greedy (%) as MLflow holds them after the last step
-        for cell, key in zip(cells[2:4], ("mean_at_2", "greedy")):
+        # zero-shot greedy and mean@2 (%) as MLflow holds them after the last step
+        for cell, key in zip(cells[3:5], ("greedy", "mean_at_2")):
             assert float(cell) == pytest.approx(100 * metrics[f"eval/arithmetic-heldout/{key}"], abs=0.05)
-        assert int(cells[4]) == 2 * 4 * 4  # rollouts: steps x B x G
+        assert int(cells[6]) == 2 * 4 * 4  # rollouts: steps x B x G
+        assert summary["reuse_key"]["code"] == code_digest()
     # LANPO looked for feedback (a random-weight model rarely succeeds, so it mostly falls back to plain); GRPO did not
     lanpo = client.get_run(json.loads((out / "lanpo-s0.json").read_text())["mlflow_run_id"]).data.metrics
     grpo = client.get_run(json.loads((out / "grpo-s0.json").read_text())["mlflow_run_id"]).data.metrics
@@ -49,7 +52,11 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
     assert "mix/fallback_reflection" not in grpo
     assert "time/abstraction_seconds" in lanpo
     assert "time/abstraction_seconds" not in grpo
-    assert re.search(r"LANPO generated \d+\.\d\dx the tokens of GRPO", text)
+    # the verdict is the paired difference of what MLflow holds, with no interval from one seed
+    diff = 100 * (lanpo["eval/arithmetic-heldout/greedy"] - grpo["eval/arithmetic-heldout/greedy"])
+    found = re.search(r"equal number of rollouts: lanpo - grpo = ([-+]\d+\.\d) greedy.*\(seeds \[0\]\): "
+                      r"\*\*not established \(one seed: no interval\)\*\*", text)
+    assert found and float(found[1]) == pytest.approx(diff, abs=0.05)
 
     # the report regenerates from the finished runs alone, and a finished run is not repeated
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -59,6 +66,10 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
 
 
 def test_mechanism_check_abstraction_carries_the_missing_convention(tmp_path):
+    import math
+
+    from lanpo_core.config import OffPolicyConfig
+
     out = tmp_path / "mechanism.json"
     done = subprocess.run([sys.executable, "bench/mechanism.py", "--stated", "12", "--targets", "16",
                            "--abstractors", "extractive", "--out", str(out)],
@@ -74,6 +85,23 @@ def test_mechanism_check_abstraction_carries_the_missing_convention(tmp_path):
     assert extractive["lessons"] == ["The Lumen result of two numbers is their sum."]
     assert extractive["guard_dropped"] == 0
     assert extractive["gold_in_context_recheck"] == 0
+
+    # what an update would give these rollouts (issue 13), under the default estimator
+    assert result["offpolicy"]["correction"] == OffPolicyConfig().correction
+    figures = extractive["kind_diagnostics"]
+    assert set(figures) == set(extractive["log_ratios"]) == {"plain", "abstraction"}
+    for kind, row in figures.items():
+        assert all(math.isfinite(v) for v in row.values()), (kind, row)
+        assert 0 <= row["ess_frac"] <= 1 and 0 <= row["ess_frac_all"] <= 1, (kind, row)
+    # plain rollouts are trained under the prompt they were sampled from: weight 1, and (the policy has not moved)
+    # a log-ratio of ~0 between the trainer and the rollout engine
+    assert figures["plain"]["weight_mean"] == figures["plain"]["weight_mean_all"] == 1.0, figures["plain"]
+    assert abs(extractive["log_ratios"]["plain"]["token_mean"]) < 0.02, extractive["log_ratios"]
+    # abstraction beat plain, so some abstraction rollout has a positive advantage, and it carries weight
+    abstraction = figures["abstraction"]
+    assert abstraction["positive"] >= 1 and abstraction["weight_mass"] > 0, abstraction
+    assert 0 < abstraction["weight_mean"] <= result["offpolicy"]["max_ratio"], abstraction
+    assert re.search(r"^extractive +abstraction +\d+ ", done.stdout, re.M), done.stdout  # the printed table's row
 
 
 def test_feedback_rollouts_carry_weight_under_the_default_estimator(tmp_path):

@@ -251,14 +251,11 @@ def _print_run(summary: dict, seconds: float, log: Path | None, out: TextIO) -> 
         echo(f"  {'total':14} {sum(seconds_by_stage.values()):8.1f}")
     echo(f"\n  checkpoint  {summary['checkpoint'] or 'none (no step run)'}")
     echo(f"  MLflow run  {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
-    if summary.get("mlflow_run_url"):
-        echo(f"  MLflow UI   {summary['mlflow_run_url']}")
+    if summary.get("mlflow_ui_command"):  # no UI serves the run's store
+        echo(f"  MLflow UI   {summary['mlflow_ui_command']}")
+        echo(f"              then open {summary['mlflow_run_url']}")
     else:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        echo(f"  MLflow UI   {shlex.quote(str(mlflow) if mlflow.exists() else 'mlflow')} ui --backend-store-uri "
-             f"{shlex.quote(summary['mlflow_tracking_uri'])} --port 5000")
-        echo(f"              then open http://127.0.0.1:5000/#/experiments/{summary.get('mlflow_experiment_id')}"
-             f"/runs/{summary['mlflow_run_id']}")
+        echo(f"  MLflow UI   {summary['mlflow_run_url']}")
     if log is not None:
         echo(f"  log         {log}")
 
@@ -267,7 +264,6 @@ def _print_summary(summary: dict) -> None:
     typer.secho("done.", fg=typer.colors.GREEN)
     for key, value in summary.items():
         typer.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    typer.echo(f"  MLflow UI: mlflow ui --backend-store-uri {summary.get('mlflow_tracking_uri')}")
 
 
 @app.command()

@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 # first: flows.train sets the library defaults (telemetry off, ...) that Prefect reads when it is imported
-from .train import DEFAULT_CONFIG, check_inputs, resolve_config_path
+from .train import DEFAULT_CONFIG, check_inputs, prefect_tags, resolve_config_path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from lanpo_core.config import load_config
 from tasks import tracking
+
+from .serve import served_mlflow_ui
 
 
 @task(name="evaluate-model", retries=1)
@@ -52,22 +54,28 @@ def lanpo_evaluate(config: str = DEFAULT_CONFIG, model: str | None = None, overr
     overrides = list(overrides or [])
     config_path = resolve_config_path(config)
     cfg = load_config(config_path, overrides)
-    check_inputs(cfg)
+    inputs = check_inputs(cfg)
     model = model or cfg.model.name_or_path
     from lanpo_core.models import resolve_policy
 
     resolve_policy(model, cfg.paths.cache_dir)  # before any task: a missing model or damaged checkpoint fails here
     name = run_name or f"eval-{Path(model).name}"
     out_dir = Path(cfg.paths.runs_dir).resolve() / "evaluations" / f"{name}-{cfg.digest()[:8]}"
-    metrics = evaluate_model(config_path, overrides, model, str(out_dir))
     import mlflow
 
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=name) as run:
-        mlflow.set_tags({"lanpo_kind": "evaluation", "model": model, "config_digest": cfg.digest()})
-        tracking.log_metrics(run.info.run_id, metrics, step=0)
-        tracking.log_file(run.info.run_id, out_dir / "predictions.jsonl", "eval")
+    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=name,
+                          log_system_metrics=cfg.tracking.system_metrics) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({"lanpo_kind": "evaluation", "model": model, "config_digest": cfg.digest(), **prefect_tags()})
+        tracking.log_datasets(run_id, inputs.datasets()[1:])  # the held-out sets; the training set is not read
+        link = tracking.run_link(cfg, run_id, served_mlflow_ui())
+        logger.info("evaluating %s; MLflow run %s", model, link)
+        metrics = evaluate_model(config_path, overrides, model, str(out_dir))
+        tracking.log_metrics(run_id, metrics, step=0)
+        tracking.log_file(run_id, out_dir / "predictions.jsonl", "eval")
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in sorted(metrics.items())],
-                          key="lanpo-evaluation", description=f"zero-shot evaluation of {model}")
+                          key="lanpo-evaluation", description=f"zero-shot evaluation of {model}; MLflow run: "
+                                                              f"{link.markdown()}")
     logger.info("evaluated %s: %s", model, metrics)
-    return {"model": model, "mlflow_run_id": run.info.run_id, "predictions": str(out_dir / "predictions.jsonl"),
+    return {"model": model, "mlflow_run_id": run_id, **link.summary(), "predictions": str(out_dir / "predictions.jsonl"),
             **metrics}

@@ -11,7 +11,8 @@ Their parameters (config, overrides, run name, model) come from the flows' signa
 renders them as a form.
 
 `lanpo services up` starts, on 127.0.0.1, a Prefect server, a `lanpo serve` process and the MLflow UI over the
-default tracking store; `lanpo services down` stops all three. Process ids and logs live in `.lanpo-services/`.
+default tracking store; `lanpo services down` stops all three. Process ids, the MLflow UI's address and store
+(which the flows link their runs to, `served_mlflow_ui`) and logs live in `.lanpo-services/`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES_DIR = Path(os.environ.get("LANPO_SERVICES_DIR", REPO / ".lanpo-services"))
-"""PID file, logs and the Prefect server's home (env LANPO_SERVICES_DIR, default `.lanpo-services/`)."""
+"""State file, logs and the Prefect server's home (env LANPO_SERVICES_DIR, default `.lanpo-services/`)."""
+STATE_FILE = SERVICES_DIR / "services.json"
+"""`{"pids": {name: pid}, "mlflow_ui": {"url": ..., "store": backend store URI}}` of the running services."""
 
 
 def deployments():
@@ -74,18 +77,19 @@ def _start(name: str, args: list[str], env: dict[str, str]) -> int:
 
 def services_up(prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = 120.0) -> dict[str, str]:
     """Start the Prefect server, the deployment server and the MLflow UI on 127.0.0.1; return their URLs."""
-    state_file = SERVICES_DIR / "services.json"
-    if state_file.exists():
-        raise RuntimeError(f"services already recorded in {state_file}; run `lanpo services down` first")
-    # telemetry off unless the user's environment says otherwise (as in flows/train.py)
-    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ,
+    if STATE_FILE.exists():
+        raise RuntimeError(f"services already recorded in {STATE_FILE}; run `lanpo services down` first")
+    # Unless the user's environment says otherwise: telemetry off (as in flows/train.py), and no job runner in the
+    # MLflow server (a runner and 7 huey consumers, 1.6 GiB here, for GenAI jobs such as judges that nothing here
+    # submits).
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ,
            "PREFECT_HOME": str(SERVICES_DIR / "prefect-home")}
     bin_dir = Path(sys.executable).parent
     api = f"http://127.0.0.1:{prefect_port}/api"
     pids = {"prefect-server": _start("prefect-server", [str(bin_dir / "prefect"), "server", "start", "--host",
                                                         "127.0.0.1", "--port", str(prefect_port)], env)}
-    state_file.parent.mkdir(exist_ok=True)
-    state_file.write_text(json.dumps(pids))
+    STATE_FILE.write_text(json.dumps({"pids": pids}))
     if not wait_http(f"{api}/health", timeout):
         services_down()
         raise RuntimeError(f"the Prefect server did not answer on {api} within {timeout:.0f}s; "
@@ -99,21 +103,32 @@ def services_up(prefect_port: int = 4200, mlflow_port: int = 5000, timeout: floa
     pids["mlflow-ui"] = _start("mlflow-ui", [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend,
                                              "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
                                env)
-    state_file.write_text(json.dumps(pids))
-    if not wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout):
+    STATE_FILE.write_text(json.dumps({"pids": pids}))
+    mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
+    if not wait_http(f"{mlflow_ui}/health", timeout):
         services_down()
         raise RuntimeError(f"the MLflow UI did not start within {timeout:.0f}s; see {SERVICES_DIR / 'mlflow-ui.log'}")
-    return {"prefect_ui": f"http://127.0.0.1:{prefect_port}", "prefect_api": api,
-            "mlflow_ui": f"http://127.0.0.1:{mlflow_port}"}
+    STATE_FILE.write_text(json.dumps({"pids": pids, "mlflow_ui": {"url": mlflow_ui, "store": backend}}))
+    return {"prefect_ui": f"http://127.0.0.1:{prefect_port}", "prefect_api": api, "mlflow_ui": mlflow_ui}
+
+
+def served_mlflow_ui() -> tuple[str, str] | None:
+    """(backend store URI, UI URL) of the MLflow UI `services_up` started, while it runs."""
+    try:
+        state = json.loads(STATE_FILE.read_text())
+        os.kill(state["pids"]["mlflow-ui"], 0)
+        return state["mlflow_ui"]["store"], state["mlflow_ui"]["url"]
+    except (OSError, ValueError, KeyError):  # no services, a UI that died, or one still starting
+        return None
 
 
 def services_down() -> list[str]:
     """Stop everything `services_up` started (whole process groups); returns what was stopped."""
-    state_file = SERVICES_DIR / "services.json"
-    if not state_file.exists():
+    if not STATE_FILE.exists():
         return []
     stopped = []
-    for name, pid in json.loads(state_file.read_text()).items():
+    state = json.loads(STATE_FILE.read_text())
+    for name, pid in state.get("pids", state).items():  # a bare {name: pid} file: services started by older code
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -130,7 +145,7 @@ def services_down() -> list[str]:
             except ProcessLookupError:
                 pass
         stopped.append(name)
-    state_file.unlink()
+    STATE_FILE.unlink()
     return stopped
 
 

@@ -44,6 +44,7 @@ logging.getLogger("dill").setLevel(logging.WARNING)
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 
 from lanpo_core.checkpoint import latest_checkpoint
@@ -54,6 +55,8 @@ from tasks import tracking
 from tasks.provenance import Provenance, model_fingerprint, provenance
 from tasks.resources import RunHandle, release
 from tasks.stages import build_feedback, evaluate_policy, generate_rollouts, score, update_policy, write_pool
+
+from .serve import served_mlflow_ui
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
@@ -139,15 +142,24 @@ def check_hub_model(spec: str, revision: str | None = None, timeout: float = 10.
 
 @dataclass(frozen=True)
 class Inputs:
-    train: list
-    """The training problems."""
+    problem_sets: list
+    """The training set, then the held-out sets (`data.eval` order)."""
     provenance: Provenance
     """Digests of the code, the problem sets and the models (part of the run's identity)."""
 
+    @property
+    def train(self) -> list:
+        """The training problems."""
+        return self.problem_sets[0].problems
+
+    def datasets(self) -> list:
+        """(problem set, MLflow input context) pairs, for `tracking.log_datasets`."""
+        return [(s, "evaluation" if i else "training") for i, s in enumerate(self.problem_sets)]
+
 
 def check_inputs(cfg: RunConfig) -> Inputs:
-    """Fail before the first stage on what would fail later: data files, model specs. Returns the training problems
-    and the run's provenance."""
+    """Fail before the first stage on what would fail later: data files, model specs. Returns the problem sets and
+    the run's provenance."""
     from lanpo_core.data import load_problems
     from lanpo_core.models import resolve_embedder, resolve_policy
 
@@ -159,7 +171,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
             check_hub_model(model.spec, revision)
     models = [model_fingerprint(policy.spec, policy.path, policy.kind, cfg.model.revision),
               model_fingerprint(embedder.spec, embedder.path, embedder.kind)]
-    return Inputs(sets[0].problems, provenance([(f"{i}:{s.name}", s.problems) for i, s in enumerate(sets)], models))
+    return Inputs(sets, provenance([(f"{i}:{s.name}", s.problems) for i, s in enumerate(sets)], models))
 
 
 def result_storage(run: RunHandle) -> LocalFileSystem:
@@ -170,19 +182,26 @@ def result_storage(run: RunHandle) -> LocalFileSystem:
     return store
 
 
-def _prefect_tags() -> dict[str, str]:
+def prefect_tags() -> dict[str, str]:
+    """MLflow tags that tie a run to the Prefect flow run logging into it: the flow run's id, name and (on a Prefect
+    server) URL, the flow as the run's source, and a description (`mlflow.note.content`) that links back."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_UI_URL
+
     try:
         ctx = get_run_context()
-        run = ctx.flow_run
-        from prefect.settings import PREFECT_UI_URL
-
-        ui = PREFECT_UI_URL.value()
-        tags = {"prefect_flow_run_id": str(run.id), "prefect_flow_run_name": run.name}
-        if ui:
-            tags["prefect_flow_run_url"] = f"{ui}/runs/flow-run/{run.id}"
-        return tags
-    except Exception:
+    except MissingContextError:  # called outside a flow run
         return {}
+    run, flow_name = ctx.flow_run, ctx.flow.name
+    tags = {"prefect_flow_run_id": str(run.id), "prefect_flow_run_name": run.name,
+            "mlflow.source.name": flow_name, "mlflow.source.type": "JOB"}
+    if PREFECT_API_URL.value():  # a server; its UI's address is derived from the API's unless PREFECT_UI_URL says
+        tags["prefect_flow_run_url"] = f"{PREFECT_UI_URL.value()}/runs/flow-run/{run.id}"
+        where = f"[{run.name}]({tags['prefect_flow_run_url']})"
+    else:  # the ephemeral API stops with the run; its database (under PREFECT_HOME) keeps the flow run
+        where = (f"`{run.name}` on Prefect's ephemeral API, which has no UI (`prefect server start` with PREFECT_HOME="
+                 f"{PREFECT_HOME.value()} shows it at /runs/flow-run/{run.id})")
+    tags["mlflow.note.content"] = f"Logged by `{flow_name}` flow run {where}, id `{run.id}`."
+    return tags
 
 
 # No `log_prints`: lanpo logs rather than prints, and Prefect's print patch also took what libraries print into a
@@ -201,12 +220,14 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
     inputs = check_inputs(cfg)
     train_problems = inputs.train
     run = open_run(cfg, run_name, inputs.provenance)
-    logger.info("run %s in %s", run.key, run.run_dir)
 
     policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
     try:
-        tags = {**_prefect_tags(), **inputs.provenance.tags(), "overrides": " ".join(overrides or [])[:5000]}
+        tags = {**prefect_tags(), **inputs.provenance.tags(), "overrides": " ".join(overrides or [])[:5000]}
         with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=tags) as mlflow_run_id:
+            tracking.log_datasets(mlflow_run_id, inputs.datasets())
+            link = tracking.run_link(cfg, mlflow_run_id, served_mlflow_ui())
+            logger.info("run %s in %s; MLflow run %s", run.key, run.run_dir, link)
             stage = _Stages(run, mlflow_run_id)
             if cfg.eval.at_start:  # the "before" of the run's accuracy; cached like every stage
                 before = stage(evaluate_policy, policy)
@@ -234,8 +255,8 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
                 tracking.log_json(mlflow_run_id, summary, "summary.json")
                 tracking.log_json(mlflow_run_id, cfg.model_dump(mode="json"), "config.json")
                 tracking.log_curves(mlflow_run_id)
-                summary["mlflow_run_url"] = tracking.run_url(cfg, mlflow_run_id)
-            create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(run.key),
+            summary.update(link.summary())
+            create_markdown_artifact(_summary_markdown(summary, link), key=_artifact_key(run.key),
                                      description=f"lanpo run {run.key}")
             return summary
     finally:
@@ -333,12 +354,13 @@ def _artifact_key(run_key: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", run_key.lower()).strip("-")[:100] or "lanpo-run"
 
 
-def _summary_markdown(summary: dict[str, Any]) -> str:
+def _summary_markdown(summary: dict[str, Any], link: tracking.RunLink) -> str:
     def cell(v: Any) -> str:
         return ", ".join(f"{k} {x:.4g}" for k, x in v.items()) if isinstance(v, dict) else str(v)
 
     rows = "\n".join(f"| {k} | {cell(v)} |" for k, v in summary.items())
-    return f"# lanpo run `{summary['run_key']}`\n\n| field | value |\n|---|---|\n{rows}\n"
+    return (f"# lanpo run `{summary['run_key']}`\n\nMLflow run: {link.markdown()}\n\n"
+            f"| field | value |\n|---|---|\n{rows}\n")
 
 
 def total_stages(cfg: RunConfig) -> int:

@@ -6,6 +6,9 @@ ending it (SIGKILL) is ended KILLED when the run is resumed, and the lost attemp
 Default store: a SQLite file under `mlruns/` (in the current directory), with artifacts beside it in
 `mlruns/artifacts`, so tracking works with no server; `tracking.mlflow_tracking_uri` or the env variable
 MLFLOW_TRACKING_URI point it anywhere else (an `mlflow server`, Databricks, ...).
+
+A run records its problem sets as dataset inputs (content digests) and, unless `tracking.system_metrics` is off,
+MLflow's system metrics. `run_link` is the run's page in the MLflow UI (or the command that starts a UI on it).
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ import logging
 import math
 import os
 import re
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from lanpo_core import hardware
 from lanpo_core.config import RunConfig
+
+if TYPE_CHECKING:
+    from lanpo_core.data import ProblemSet
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger(__name__)
@@ -61,14 +70,25 @@ def git_commit() -> str | None:
         return None
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The experiment kind MLflow 3's UI reads to open an experiment on its runs instead of its GenAI pages (traces),
+where lanpo logs nothing. The 3.17 UI goes by the view chosen in its sidebar instead, or the URL's (`run_link`)."""
+
+
 def experiment_id(cfg: RunConfig) -> str:
+    """The id of the run's experiment, created on first use; it is tagged a model-training experiment (an existing
+    one only when it has no kind yet: a kind set in the UI stays)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    key, kind = EXPERIMENT_KIND
     found = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if found is not None:
-        return found.experiment_id
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(tracking_uri(cfg)))
+    if found is None:
+        return mlflow.create_experiment(cfg.tracking.experiment, tags={key: kind},
+                                        artifact_location=_artifact_location(tracking_uri(cfg)))
+    if key not in found.tags:
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, kind)
+    return found.experiment_id
 
 
 def find_run(cfg: RunConfig, run_key: str) -> str | None:
@@ -169,7 +189,7 @@ def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, s
              precision["precision/vllm_dtype"], precision["precision/transformers_dtype"],
              precision["precision/reason"])
     run = mlflow.start_run(run_id=existing, experiment_id=None if existing else exp,
-                           run_name=None if existing else run_name)
+                           run_name=None if existing else run_name, log_system_metrics=cfg.tracking.system_metrics)
     run_id = run.info.run_id
     _ACTIVE[run_id] = tracking_uri(cfg)
     error: BaseException | None = None
@@ -258,12 +278,70 @@ def log_curves(run_id: str, prefixes: tuple[str, ...] = ("rollout/reward_", "eva
     return True
 
 
-def run_url(cfg: RunConfig, run_id: str) -> str | None:
-    """A link to the run in the MLflow UI, when the tracking store is a server."""
-    uri = tracking_uri(cfg)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    import mlflow
+def log_datasets(run_id: str, problem_sets: Sequence[tuple[ProblemSet, str]]) -> None:
+    """Record (problem set, context) pairs as the run's dataset inputs: the set's name, its content digest (ids and
+    gold answers, `provenance.data_digest` of the set alone) and where it came from, with the context ("training",
+    "evaluation"). Logging a set again is a no-op, so every attempt of a run logs them."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    run = mlflow.get_run(run_id)
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    from tasks.provenance import data_digest
+
+    inputs = []
+    for problem_set, context in problem_sets:
+        frame = pd.DataFrame([{"id": p.id, "question": p.question, "answer": p.answer} for p in problem_set.problems])
+        # a source naming the origin, for files, hub datasets and generated sets alike (MLflow's own guess of a
+        # source from a local path warns that the path is ambiguous)
+        source = CodeDatasetSource({"origin": problem_set.report.origin})
+        dataset = mlflow.data.from_pandas(frame, source=source, name=problem_set.name,
+                                          digest=data_digest([(problem_set.name, problem_set.problems)])[:16])
+        inputs.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+LOCAL_UI_PORT = 5000
+"""Where `run_link` tells a user to start an MLflow UI when none serves the run's store."""
+
+
+@dataclass(frozen=True)
+class RunLink:
+    """A run's page in the MLflow UI."""
+
+    url: str
+    command: str | None = None
+    """The command that starts the UI `url` points at, when none serves the run's store (None: `url` works now)."""
+
+    def __str__(self) -> str:
+        return self.url if self.command is None else f"{self.url} once an MLflow UI runs: {self.command}"
+
+    def markdown(self) -> str:
+        link = f"[{self.url}]({self.url})"
+        return link if self.command is None else f"{link} once an MLflow UI runs: `{self.command}`"
+
+    def summary(self) -> dict[str, str]:
+        """As fields of a flow's summary."""
+        return {"mlflow_run_url": self.url} | ({"mlflow_ui_command": self.command} if self.command else {})
+
+
+def run_link(cfg: RunConfig, run_id: str, served: tuple[str, str] | None = None) -> RunLink:
+    """The run's page on the tracking server, on `served` ((store URI, UI URL) of a UI that serves a store, as
+    `lanpo services up` runs one) when that is the run's store, else on a UI the returned command starts."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    # `workflowType`: MLflow 3.17's UI shows its GenAI view (traces) unless the URL or the user's last choice says
+    # model training, whatever the experiment's kind
+    page = (f"/#/experiments/{MlflowClient(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+            "?workflowType=machine_learning")
+    if uri.startswith(("http://", "https://")):
+        return RunLink(uri.rstrip("/") + page)
+    if served is not None and served[0] == uri:
+        return RunLink(served[1].rstrip("/") + page)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = (f"{shlex.quote(str(mlflow) if mlflow.exists() else 'mlflow')} ui --backend-store-uri "
+               f"{shlex.quote(uri)} --port {LOCAL_UI_PORT}")
+    return RunLink(f"http://127.0.0.1:{LOCAL_UI_PORT}{page}", command)

@@ -1,4 +1,4 @@
-"""The `lanpo` command line, run as users run it (a real subprocess)."""
+"""The `lanpo` command line, run as users run it (a real subprocess), and the table that ends `lanpo train`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,22 @@ def test_verify_scores_a_jsonl(tmp_path):
     bad = lanpo("verify", str(src))
     assert bad.returncode == 2
     assert "r.jsonl:1: no field 'response'" in bad.stderr
+
+
+@pytest.mark.parametrize("command", [None, "mlflow ui --backend-store-uri sqlite:///m.db --port 5000"])
+def test_the_final_table_links_the_mlflow_run(command):
+    import io
+
+    from flows.cli import _print_run
+    from tasks.tracking import RunLink
+
+    link = RunLink("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning", command)
+    out = io.StringIO()
+    _print_run({"steps": 1, "run_key": "r", "checkpoint": None, "mlflow_run_id": "abc",
+                "mlflow_tracking_uri": "sqlite:///m.db", **link.summary()}, 60.0, None, out)
+    shown = [line for line in out.getvalue().splitlines() if line.startswith("  MLflow UI") or "then open" in line]
+    assert shown == ([f"  MLflow UI   {command}", f"              then open {link.url}"] if command
+                     else [f"  MLflow UI   {link.url}"])
 
 
 @pytest.mark.slow

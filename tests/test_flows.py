@@ -42,12 +42,41 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
     return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in task_runs(flow_run_id))
 
 
-def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_path, mlflow_store):
+def markdown_artifacts(flow_run_id) -> list[str]:
+    """The markdown of a flow run's markdown artifacts (not its result records)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["markdown"])))
+    return [a.data for a in found]
+
+
+def expected_datasets(cfg, contexts: dict[int, str]) -> dict[str, tuple[str, str]]:
+    """{name: (digest, context)} of the config's problem sets (0: the training set, then `data.eval`)."""
+    from lanpo_core.data import load_problems
+    from lanpo_core.runtime import data_dir
+    from tasks.provenance import data_digest
+
+    sets = [load_problems(spec, data_dir(cfg)) for spec in [cfg.data.train, *cfg.data.eval]]
+    return {sets[i].name: (data_digest([(sets[i].name, sets[i].problems)])[:16], context)
+            for i, context in contexts.items()}
+
+
+def run_datasets(run) -> dict[str, tuple[str, str]]:
+    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in run.inputs.dataset_inputs}
+
+
+def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_path, mlflow_store, monkeypatch):
     from mlflow import MlflowClient
 
     from flows.train import lanpo_train
+    from lanpo_core.config import load_config
     from lanpo_core.pool import ExperiencePool
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples within a run of seconds
     overrides = tiny_overrides(tiny_model_path, tmp_path / "runs") + ["eval.feedback=true"]
     state = lanpo_train("configs/tiny-cpu.yaml", overrides, "flow-test", return_state=True)
     assert state.is_completed(), state.message
@@ -91,6 +120,24 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert run.data.metrics["eval/arithmetic-heldout/feedback_coverage"] == sum(p["context"] for p in feedback) / 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config.json", "curves.png", "rollouts", "eval"} <= artifacts
+
+    # Linked both ways with no UI running: the Prefect artifact gives the command that starts one on this store and
+    # the run's page on it; the MLflow run's description names the flow run on the ephemeral API.
+    flow_run_id = str(state.state_details.flow_run_id)
+    experiment = run.info.experiment_id
+    page = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert summary["mlflow_run_url"] == page
+    assert summary["mlflow_ui_command"].endswith(f"mlflow ui --backend-store-uri {mlflow_store} --port 5000")
+    (artifact,) = markdown_artifacts(state.state_details.flow_run_id)
+    assert f"MLflow run: [{page}]({page}) once an MLflow UI runs: `{summary['mlflow_ui_command']}`" in artifact
+    note = run.data.tags["mlflow.note.content"]
+    assert f"id `{flow_run_id}`" in note and "ephemeral API" in note and f"/runs/flow-run/{flow_run_id}" in note
+    assert (run.data.tags["mlflow.source.name"], run.data.tags["mlflow.source.type"]) == ("lanpo-train", "JOB")
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    cfg = load_config("configs/tiny-cpu.yaml", overrides)
+    assert run_datasets(run) == expected_datasets(cfg, {0: "training", 1: "evaluation"})
+    assert run.data.metrics["system/cpu_utilization_percentage"] >= 0
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",
                                                          str(tmp_path))).read_text())
     assert len(rollouts) == 16
@@ -137,13 +184,24 @@ def test_bad_input_fails_the_flow_before_any_stage(tmp_path, tiny_model_path, ml
     assert not (tmp_path / "runs").exists()
 
 
-def test_evaluate_flow_predictions_agree_with_metrics(tmp_path, tiny_model_path, mlflow_store):
+def test_evaluate_flow_predictions_agree_with_metrics(tmp_path, tiny_model_path, mlflow_store, monkeypatch):
+    from mlflow import MlflowClient
+
     from flows.evaluate import lanpo_evaluate
+    from lanpo_core.config import load_config
     from lanpo_core.evaluate import accuracy_from_predictions
 
-    summary = lanpo_evaluate("configs/tiny-cpu.yaml", tiny_model_path,
-                             [f"paths.runs_dir={tmp_path}", "eval.limit=6", "eval.samples=2", "eval.max_new_tokens=6",
-                              "rollout.backend=transformers"])
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # would sample, but they are turned off
+    overrides = [f"paths.runs_dir={tmp_path}", "eval.limit=6", "eval.samples=2", "eval.max_new_tokens=6",
+                 "rollout.backend=transformers", "tracking.system_metrics=false"]
+    state = lanpo_evaluate("configs/tiny-cpu.yaml", tiny_model_path, overrides, return_state=True)
+    summary = state.result()
+    run = MlflowClient().get_run(summary["mlflow_run_id"])
+    assert f"id `{state.state_details.flow_run_id}`" in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["mlflow.source.name"] == "lanpo-evaluate"
+    assert f"/runs/{run.info.run_id}?" in summary["mlflow_run_url"]
+    assert run_datasets(run) == expected_datasets(load_config("configs/tiny-cpu.yaml", overrides), {1: "evaluation"})
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
     rows = [json.loads(line) for line in open(summary["predictions"])]
     assert len(rows) == 6 * 2 + 6
     recomputed = accuracy_from_predictions(rows, k=2)

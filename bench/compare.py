@@ -78,6 +78,9 @@ VARIANTS: dict[str, tuple[str, list[str], str, str]] = {
                   "LANPO with the shaped token ratio"),
 }
 MAIN = ("lanpo", "grpo")
+SEEDS = {"main": [0, 1, 2, 3, 4], "control": [0, 1, 2], "ablation": [0]}
+"""The seeds each group runs by default (`--seeds`, `--control-seeds`, `--ablation-seeds`); the report lists the
+runs still missing from them."""
 
 STAGES = ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync")
 KINDS = ("plain", "reflection", "abstraction")
@@ -198,12 +201,13 @@ def store_uri(out: Path, result: dict) -> str:
     return f"sqlite:///{out / 'mlflow.db'}" if (out / "mlflow.db").exists() else result["mlflow_tracking_uri"]
 
 
-def load_runs(out: Path) -> tuple[dict[tuple[str, int], Run], dict[int, dict[str, float]]]:
-    """Every finished run under `out` read back from MLflow: training runs by (variant, seed), base evals by seed."""
+def load_runs(out: Path, folder: Path | None = None) -> tuple[dict[tuple[str, int], Run], dict[int, dict[str, float]]]:
+    """Every finished run of `folder` (default `out`) read back from MLflow: training runs by (variant, seed), base
+    evals by seed."""
     from mlflow import MlflowClient
 
     runs, base = {}, {}
-    for path in sorted(out.glob("*.json")):
+    for path in sorted((folder or out).glob("*.json")):
         result = json.loads(path.read_text())
         if result.get("variant") not in (*VARIANTS, "base"):
             continue
@@ -244,28 +248,41 @@ def paired_bootstrap(diffs: list[float], resamples: int = 10_000) -> tuple[float
     return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def verdict(lo: float, hi: float) -> str:
-    if math.isnan(lo):
-        return "not established (one seed: no interval)"
+def verdict(diffs: list[float]) -> str:
+    """A claim "a > b" from its per-seed differences a - b. The interval is the wider of the paired bootstrap and the
+    paired t interval: with 3-5 seeds the bootstrap alone is too narrow (n=2 gives [min, max])."""
+    if len(diffs) < 3:
+        return f"not established ({len(diffs)} seed{'s' if len(diffs) != 1 else ''}: too few for an interval)"
+    (_, blo, bhi), (_, tlo, thi) = paired_bootstrap(diffs), mean_ci(diffs)
+    lo, hi = min(blo, tlo), max(bhi, thi)
     return "established" if lo > 0 else "contradicted" if hi < 0 else "not established"
+
+
+def diff_text(diffs: list[float]) -> str:
+    """Mean per-seed difference in points, with its bootstrap and t intervals when there are 3 seeds or more."""
+    m = statistics.fmean(diffs)
+    if len(diffs) < 3:
+        return f"{100 * m:+.1f}"
+    (_, blo, bhi), (_, tlo, thi) = paired_bootstrap(diffs), mean_ci(diffs)
+    return f"{100 * m:+.1f} [{100 * blo:+.1f}, {100 * bhi:+.1f}] (t: [{100 * tlo:+.1f}, {100 * thi:+.1f}])"
 
 
 def pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.{digits}f}"
 
 
-def interval(m: float, lo: float, hi: float, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    if math.isnan(lo):
-        return f"{100 * m:{sign}.1f}"
-    return f"{100 * m:{sign}.1f} [{100 * lo:{sign}.1f}, {100 * hi:{sign}.1f}]"
+def interval(values: list[float]) -> str:
+    """Mean over seeds in %, with its 95 % t interval from 3 seeds on."""
+    m, lo, hi = mean_ci(values)
+    return f"{100 * m:.1f}" if len(values) < 3 else f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 class Arms:
     """The finished runs grouped by arm, with the per-seed numbers the tables and verdicts need."""
 
-    def __init__(self, runs: dict[tuple[str, int], Run], base: dict[int, dict[str, float]]):
-        self.runs, self.base = runs, base
+    def __init__(self, runs: dict[tuple[str, int], Run], base: dict[int, dict[str, float]],
+                 replicates: dict[tuple[str, int], Run]):
+        self.runs, self.base, self.replicates = runs, base, replicates
         self.seeds = {v: sorted(s for vv, s in runs if vv == v) for v in VARIANTS}
         self.names = [v for v in VARIANTS if self.seeds[v]]
 
@@ -275,18 +292,18 @@ class Arms:
     def final(self, variant: str, key: str) -> dict[int, float]:
         return {r.seed: x for r in self.of(variant) if (x := r.last(f"eval/{BENCH}/{key}")) is not None}
 
-    def paired(self, a: str, b: str, key: str = "greedy") -> tuple[list[int], tuple[float, float, float]]:
-        """a - b on the final `key` accuracy over the seeds both ran (same data order and sampling seeds)."""
+    def paired(self, a: str, b: str, key: str = "greedy") -> tuple[list[int], list[float]]:
+        """(seeds, a - b per seed) on the final `key` accuracy over the seeds both ran (same data order and
+        sampling seeds)."""
         fa, fb = self.final(a, key), self.final(b, key)
         shared = sorted(set(fa) & set(fb))
-        return shared, paired_bootstrap([fa[s] - fb[s] for s in shared])
+        return shared, [fa[s] - fb[s] for s in shared]
 
-    def paired_mean(self, a: str, b: str, key: str) -> tuple[list[int], tuple[float, float, float]]:
-        """a - b on a per-step training metric (mean over steps), paired by seed."""
+    def paired_mean(self, a: str, b: str, key: str) -> list[float]:
+        """a - b per seed on a per-step training metric (mean over steps)."""
         ma = {r.seed: r.mean(key) for r in self.of(a)}
         mb = {r.seed: r.mean(key) for r in self.of(b)}
-        shared = sorted(s for s in set(ma) & set(mb) if ma[s] is not None and mb[s] is not None)
-        return shared, paired_bootstrap([ma[s] - mb[s] for s in shared])
+        return [ma[s] - mb[s] for s in sorted(set(ma) & set(mb)) if ma[s] is not None and mb[s] is not None]
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -367,7 +384,7 @@ def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
     runs, base = load_runs(out)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
-    arms = Arms(runs, base)
+    arms = Arms(runs, base, load_runs(out, out / "replicates")[0])
     plot(arms, plot_path)
     first = arms.of("lanpo")[0] if arms.seeds["lanpo"] else next(iter(runs.values()))
     setup = {k: ast.literal_eval(v) if v.startswith(("[", "{")) else v for k, v in first.params.items()}
@@ -408,10 +425,12 @@ def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
     mech = out / "mechanism.json"
     if mech.exists():
         lines += mechanism_section(json.loads(mech.read_text()))
-    missing = [f"{v}" for v in VARIANTS if not arms.seeds[v]]
+    missing = [f"{v} (seed{'s' if len(todo) > 1 else ''} {', '.join(map(str, todo))})" for v in VARIANTS
+               if (todo := [s for s in SEEDS[VARIANTS[v][2]] if s not in arms.seeds[v]])]
+    missing += [] if mech.exists() else ["the mechanism check (bench/mechanism.py)"]
     if missing:
-        lines += ["## Not run", "", f"{', '.join(missing)}: no finished run yet (`bench/compare.py` runs what is "
-                  "missing and keeps what is finished).", ""]
+        lines += ["## Not run yet", "", f"Of the default seeds: {'; '.join(missing)}. `bench/compare.py` runs what "
+                  "is missing and keeps what is finished (docs/experiment.md, \"Resuming a sitting\").", ""]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -421,26 +440,24 @@ def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
 def verdict_section(arms: Arms) -> list[str]:
     lines = ["## Verdicts", "",
              "Each claim is a paired difference of final zero-shot greedy accuracy (points, mean over the seeds both "
-             "arms ran, 95 % bootstrap interval over seeds): *established* if the interval excludes 0 in the "
-             "claim's direction, *contradicted* if it excludes 0 in the other, else *not established*.", ""]
+             "arms ran, with its 95 % paired bootstrap interval over seeds and the paired t interval): "
+             "*established* if the wider of the two excludes 0 in the claim's direction, *contradicted* if it "
+             "excludes 0 in the other, else *not established*; no verdict from fewer than 3 seeds.", ""]
 
     def claim(text: str, a: str, b: str, extra: str = "") -> None:
         if not (arms.seeds[a] and arms.seeds[b]):
             lines.append(f"- {text}: not run yet ({a if not arms.seeds[a] else b} has no finished run).")
             return
-        seeds, (m, lo, hi) = arms.paired(a, b)
+        seeds, diffs = arms.paired(a, b)
         _, mean2 = arms.paired(a, b, "mean_at_2")
-        lines.append(f"- {text}: {a} - {b} = {interval(m, lo, hi, True)} greedy, {interval(*mean2, True)} "
-                     f"mean@2 (seeds {seeds}): **{verdict(lo, hi)}**.{extra}")
+        lines.append(f"- {text}: {a} - {b} = {diff_text(diffs)} greedy, {diff_text(mean2)} mean@2 "
+                     f"(seeds {seeds}): **{verdict(diffs)}**.{extra}")
 
-    def leak(a: str) -> str:
-        """How far the context rollouts' training reward ran ahead of the plain ones' (the leak shows here)."""
-        if not arms.seeds[a]:
-            return ""
-        kind = "reflection" if a == "naive-same" else "abstraction"
-        _, (m, lo, hi) = arms.paired_mean(a, "lanpo", f"rollout/reward_{kind}")
-        return (f" Training reward of its {kind} rollouts vs lanpo's: {interval(m, lo, hi, True)} points "
-                "(a leak shows as a higher training reward that zero-shot accuracy does not follow).")
+    def context_reward(a: str, kind: str, reading: str) -> str:
+        """The training reward of the arm's context rollouts against lanpo's: where a leak or bad context shows."""
+        diffs = arms.paired_mean(a, "lanpo", f"rollout/reward_{kind}") if arms.seeds[a] else []
+        return f" Training reward of its {kind} rollouts vs lanpo's: {diff_text(diffs)} points ({reading})." \
+            if diffs else ""
 
     lanpo_tokens = sum(r.tokens()[0] for r in arms.of("lanpo")) / max(1, len(arms.of("lanpo")))
     g8_tokens = sum(r.tokens()[0] for r in arms.of("grpo-g8")) / max(1, len(arms.of("grpo-g8")))
@@ -448,13 +465,22 @@ def verdict_section(arms: Arms) -> list[str]:
     claim("LANPO beats GRPO at about equal generated tokens (GRPO with G=8)", "lanpo", "grpo-g8",
           f" Generated tokens, grpo-g8 / lanpo: {g8_tokens / lanpo_tokens:.2f}." if g8_tokens and lanpo_tokens else "")
     claim("Reward-agnostic reflection avoids the leak of naive same-problem feedback", "lanpo", "naive-same",
-          leak("naive-same"))
+          context_reward("naive-same", "reflection", "a leak shows as a higher training reward that zero-shot "
+                         "accuracy does not follow"))
     claim("Relevant abstraction avoids the collapse of raw other-problem experiences", "lanpo", "naive-other",
-          leak("naive-other"))
+          context_reward("naive-other", "abstraction", "raw, unfiltered experiences as context"))
     claim("The context rollouts' gradient helps (vs context rollouts left out of the update)", "lanpo",
           "context-out")
     claim("The shared baseline is not the source of a difference (vs plain-only baseline; 'not established' is "
           "the expected outcome)", "lanpo", "plain-baseline")
+    for (v, seed), again in arms.replicates.items():
+        if (v, seed) in arms.runs:
+            first = arms.runs[(v, seed)]
+            pairs = ", ".join(f"{label} {pct(first.last(f'eval/{BENCH}/{k}'))} then {pct(again.last(f'eval/{BENCH}/{k}'))}"
+                              for k, label in EVAL_KEYS.items())
+            lines.append(f"- Reproducibility: {v} seed {seed} run again later, same code, config and seed: {pairs}. "
+                         "The difference is what a seed does not pin down (sampling on CPU threads, another sitting "
+                         "of the machine); compare it with the paired differences above.")
     mass, count = kind_mass(arms.of("lanpo")) if arms.seeds["lanpo"] else ({}, {})
     if sum(mass.values()) and sum(count.values()):
         context = [k for k in KINDS if k != "plain"]
@@ -469,7 +495,7 @@ def verdict_section(arms: Arms) -> list[str]:
         sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
         parts = []
         for v in ablations:
-            _, (m, _, _) = arms.paired(v, "lanpo")
+            m = statistics.fmean(arms.paired(v, "lanpo")[1])
             size = "beyond" if not math.isnan(sd) and abs(m) > sd else "within"
             parts.append(f"{v} {100 * m:+.1f} ({size})")
         lines.append(f"- Components (ablations, {len(arms.seeds[ablations[0]])} seed each, ablation - lanpo on the "
@@ -481,23 +507,26 @@ def verdict_section(arms: Arms) -> list[str]:
 
 def accuracy_section(arms: Arms) -> list[str]:
     lines = ["## Final held-out accuracy", "",
-             "Mean over seeds [95 % t interval], %. Δ: the arm minus lanpo on the seeds both ran [95 % paired "
-             "bootstrap]. Tokens and wall time are means per run.", "",
+             "Mean over seeds [95 % t interval, from 3 seeds on], %. Δ: the arm minus lanpo on the seeds both ran [95 % paired "
+             "bootstrap] (t: paired t interval), from 3 seeds on. Tokens and wall time are means per run; "
+             "the last column is each seed's final greedy accuracy (a low seed of lanpo moves every Δ).", "",
              "| arm | group | seeds | " + " | ".join(EVAL_KEYS.values()) + " | Δ greedy vs lanpo | rollouts | "
-             "generated tokens | prompt tokens | wall time (s) |", "|---|---|---|" + "---|" * (len(EVAL_KEYS) + 5)]
+             "generated tokens | prompt tokens | wall time (s) | greedy by seed |",
+             "|---|---|---|" + "---|" * (len(EVAL_KEYS) + 6)]
     if arms.base:
-        cells = [interval(*mean_ci([b[f"eval/{BENCH}/{k}"] for b in arms.base.values()])) for k in EVAL_KEYS]
-        lines.append(f"| base model (step 0) | | {len(arms.base)} | " + " | ".join(cells) + " | | 0 | 0 | 0 | |")
+        cells = [interval([b[f"eval/{BENCH}/{k}"] for b in arms.base.values()]) for k in EVAL_KEYS]
+        lines.append(f"| base model (step 0) | | {len(arms.base)} | " + " | ".join(cells) + " | | 0 | 0 | 0 | | |")
     for v in arms.names:
         runs = arms.of(v)
-        cells = [interval(*mean_ci(list(arms.final(v, k).values()))) if arms.final(v, k) else "n/a"
+        cells = [interval(list(arms.final(v, k).values())) if arms.final(v, k) else "n/a"
                  for k in EVAL_KEYS]
-        delta = "" if v == "lanpo" else interval(*arms.paired(v, "lanpo")[1], signed=True)
+        delta = "" if v == "lanpo" else diff_text(arms.paired(v, "lanpo")[1])
         rollouts = statistics.fmean(r.total(*(f"mix/{k}" for k in KINDS)) for r in runs)
         generated, prompt = (statistics.fmean(t) for t in zip(*(r.tokens() for r in runs)))
         lines.append(f"| {v} | {VARIANTS[v][2]} | {len(runs)} | " + " | ".join(cells) + f" | {delta} | "
                      f"{rollouts:.0f} | {generated:,.0f} | {prompt:,.0f} | "
-                     f"{statistics.fmean(r.wall for r in runs):.0f} |")
+                     f"{statistics.fmean(r.wall for r in runs):.0f} | "
+                     + ", ".join(f"s{seed} {100 * x:.1f}" for seed, x in arms.final(v, "greedy").items()) + " |")
     lines += ["", "Arms: " + "; ".join(f"**{v}** {VARIANTS[v][3]}" for v in arms.names) + ".", ""]
     return lines
 
@@ -585,10 +614,12 @@ def mechanism_section(m: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the main comparison (lanpo, grpo)")
-    ap.add_argument("--control-seeds", default="0,1,2", help="seeds of the controls (equal compute, attribution, "
-                    "failure modes)")
-    ap.add_argument("--ablation-seeds", default="0", help="seeds of the ablations")
+    def seed_list(group: str) -> str:
+        return ",".join(map(str, SEEDS[group]))
+    ap.add_argument("--seeds", default=seed_list("main"), help="seeds of the main comparison (lanpo, grpo)")
+    ap.add_argument("--control-seeds", default=seed_list("control"), help="seeds of the controls (equal compute, "
+                    "attribution, failure modes)")
+    ap.add_argument("--ablation-seeds", default=seed_list("ablation"), help="seeds of the ablations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="override grpo.steps (default: the config's)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "experiment"),

@@ -55,7 +55,7 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
     # the verdict is the paired difference of what MLflow holds, with no interval from one seed
     diff = 100 * (lanpo["eval/arithmetic-heldout/greedy"] - grpo["eval/arithmetic-heldout/greedy"])
     found = re.search(r"equal number of rollouts: lanpo - grpo = ([-+]\d+\.\d) greedy.*\(seeds \[0\]\): "
-                      r"\*\*not established \(one seed: no interval\)\*\*", text)
+                      r"\*\*not established \(1 seed: too few for an interval\)\*\*", text)
     assert found and float(found[1]) == pytest.approx(diff, abs=0.05)
 
     # the report regenerates from the finished runs alone, and a finished run is not repeated

@@ -31,11 +31,16 @@ def test_paired_bootstrap_is_deterministic_and_inside_the_observed_range():
     assert compare.paired_bootstrap([0.01, 0.02, 0.03])[1] > 0
 
 
-@pytest.mark.parametrize(("lo", "hi", "expected"), [(0.01, 0.05, "established"), (-0.05, -0.01, "contradicted"),
-                                                     (-0.01, 0.05, "not established")])
-def test_verdict_follows_the_interval(lo, hi, expected):
-    assert compare.verdict(lo, hi) == expected
+@pytest.mark.parametrize(("diffs", "expected"), [([0.01, 0.02, 0.03, 0.02], "established"),
+                                                 ([-0.01, -0.02, -0.03, -0.02], "contradicted"),
+                                                 ([-0.01, 0.02, 0.03, 0.0], "not established")])
+def test_verdict_follows_the_interval(diffs, expected):
+    assert compare.verdict(diffs) == expected
 
 
-def test_verdict_without_an_interval_says_why():
-    assert compare.verdict(math.nan, math.nan) == "not established (one seed: no interval)"
+def test_verdict_takes_the_wider_interval_and_needs_three_seeds():
+    # the bootstrap of [0.01, 0.01, 0.05] stays above 0, the t interval (2 df) does not: no verdict either way
+    assert compare.paired_bootstrap([0.01, 0.01, 0.05])[1] > 0 > compare.mean_ci([0.01, 0.01, 0.05])[1]
+    assert compare.verdict([0.01, 0.01, 0.05]) == "not established"
+    # two seeds of one sign make a bootstrap "interval" of [min, max]; that is no evidence
+    assert compare.verdict([0.03, 0.05]) == "not established (2 seeds: too few for an interval)"

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,7 +86,7 @@ runs still missing from them."""
 
 STAGES = ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync")
 KINDS = ("plain", "reflection", "abstraction")
-EVAL_KEYS = {"greedy": "zero-shot greedy", "mean_at_2": "zero-shot mean@2 (T=0.7)"}
+EVAL_KEYS = {"greedy": "zero-shot greedy", "mean_at_k": "zero-shot mean@2 (T=0.7)"}
 
 
 def job_overrides(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> list[str]:
@@ -130,7 +132,8 @@ def worker(variant: str, seed: int, steps: int | None, out: Path, extra: list[st
     return {"variant": variant, "seed": seed, "wall_seconds": time.perf_counter() - started, **summary}
 
 
-def run_job(variant: str, seed: int, steps: int | None, out: Path, extra: list[str]) -> dict | None:
+def run_job(variant: str, seed: int, steps: int | None, out: Path, extra: list[str],
+            keep_checkpoints: bool = False) -> dict | None:
     """Run one job in its own process (a crash costs that run only); its result is `<out>/<variant>-s<seed>.json`,
     reused while its `reuse_key` (`job_key`) matches."""
     name = f"{variant}-s{seed}"
@@ -154,6 +157,11 @@ def run_job(variant: str, seed: int, steps: int | None, out: Path, extra: list[s
         return None
     result = json.loads(target.read_text()) | {"reuse_key": key}
     target.write_text(json.dumps(result, indent=1, default=str))
+    if not keep_checkpoints:
+        # A finished run's summary and MLflow run hold all the report reads; its checkpoints (weights and optimizer
+        # state, two kept per run) would fill the disk long before the arm set is done.
+        for folder in (out / "runs").glob(f"compare-{name}-*/checkpoints"):
+            shutil.rmtree(folder)
     print(f"    done in {time.perf_counter() - started:.0f} s", flush=True)
     return result
 
@@ -178,8 +186,9 @@ class Run:
         return sum(v for key in keys for _, v in self.series(key))
 
     def mean(self, key: str, skip_first: bool = False) -> float | None:
-        """Mean over steps; `skip_first` drops step 0 (its generation includes starting the vLLM engine)."""
-        values = [v for s, v in self.series(key) if s > 0 or not skip_first] or [v for _, v in self.series(key)]
+        """Mean over steps; `skip_first` drops the first step (its generation includes starting the vLLM engine)."""
+        series = self.series(key)
+        values = [v for s, v in series if s > series[0][0] or not skip_first] or [v for _, v in series]
         return statistics.fmean(values) if values else None
 
     def step_seconds(self) -> list[tuple[int, float]]:
@@ -201,6 +210,22 @@ def store_uri(out: Path, result: dict) -> str:
     return f"sqlite:///{out / 'mlflow.db'}" if (out / "mlflow.db").exists() else result["mlflow_tracking_uri"]
 
 
+OLD_MEAN_AT = re.compile(r"(eval/.+)/mean_at_\d+")
+
+
+def current_names(history: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """A run's metrics in today's names and steps (tasks/tracking.py): runs logged before mean@k was named
+    `mean_at_k` (the experiment's, `mean_at_2`), and before training step t was logged at MLflow step t counted from
+    1 (they logged it from 0; their evaluations already sat at the step of the policy evaluated)."""
+    from_zero = any(step == 0 for step, _ in history.get("time/update_seconds", []))
+    renamed = {}
+    for key, points in history.items():
+        if from_zero and not key.startswith(("eval/", "system/")):
+            points = [(step + 1, value) for step, value in points]
+        renamed[OLD_MEAN_AT.sub(r"\1/mean_at_k", key)] = points
+    return renamed
+
+
 def load_runs(out: Path, folder: Path | None = None) -> tuple[dict[tuple[str, int], Run], dict[int, dict[str, float]]]:
     """Every finished run of `folder` (default `out`) read back from MLflow: training runs by (variant, seed), base
     evals by seed."""
@@ -215,12 +240,12 @@ def load_runs(out: Path, folder: Path | None = None) -> tuple[dict[tuple[str, in
         data = client.get_run(result["mlflow_run_id"]).data
         logged = data.metrics
         if result["variant"] == "base":
-            base[result["seed"]] = logged
+            base[result["seed"]] = {OLD_MEAN_AT.sub(r"\1/mean_at_k", k): v for k, v in logged.items()}
             continue
         history = {key: sorted((m.step, m.value) for m in client.get_metric_history(result["mlflow_run_id"], key))
                    for key in logged}
         runs[(result["variant"], result["seed"])] = Run(result["variant"], result["seed"], result["wall_seconds"],
-                                                         history, data.params)
+                                                         current_names(history), data.params)
     return runs, base
 
 
@@ -316,8 +341,8 @@ def eval_points(run: Run, base: dict[int, dict[str, float]], key: str) -> list[t
             tokens[s] = tokens.get(s, 0.0) + v
     seconds = dict(run.step_seconds())
     points = [(0, base[run.seed][key])] if key in base.get(run.seed, {}) else []
-    # the policy evaluated after step s has consumed the tokens and time of steps 0..s-1 (the eval's step is s)
-    return [(s, acc, sum(t for ss, t in tokens.items() if ss < s), sum(t for ss, t in seconds.items() if ss < s))
+    # the policy evaluated after step s has consumed the tokens and time of steps 1..s (MLflow step s for both)
+    return [(s, acc, sum(t for ss, t in tokens.items() if ss <= s), sum(t for ss, t in seconds.items() if ss <= s))
             for s, acc in points + run.series(key)]
 
 
@@ -380,6 +405,19 @@ def plot(arms: Arms, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- report
+def logged_config(params: dict[str, str]) -> dict[str, object]:
+    """A run's config params with lists and mappings as values: JSON today (tasks/tracking.py), Python repr from the
+    experiment's code, which also logged `data.eval` as one list where today each field is `data.eval.<i>.<field>`."""
+    def value(text: str) -> object:
+        if not text.startswith(("[", "{")):
+            return text
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return ast.literal_eval(text)
+    return {k: value(v) for k, v in params.items()}
+
+
 def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
     runs, base = load_runs(out)
     if not runs:
@@ -387,12 +425,24 @@ def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
     arms = Arms(runs, base, load_runs(out, out / "replicates")[0])
     plot(arms, plot_path)
     first = arms.of("lanpo")[0] if arms.seeds["lanpo"] else next(iter(runs.values()))
-    setup = {k: ast.literal_eval(v) if v.startswith(("[", "{")) else v for k, v in first.params.items()}
+    setup = logged_config(first.params)
     ranges = " and ".join(f"{lo}..{hi}" for lo, hi in setup["data.train.arithmetic.operand_ranges"] or [])
-    n_eval = min([setup["data.eval"][0]["size"], *([int(setup["eval.limit"])] if setup["eval.limit"] else [])])
+    size = setup["data.eval"][0]["size"] if "data.eval" in setup else setup["data.eval.0.size"]
+    n_eval = min([int(size), *([int(setup["eval.limit"])] if setup["eval.limit"] else [])])
     p = statistics.fmean(x for v in MAIN for x in arms.final(v, "greedy").values())
-    cpus = sorted({f"{r.params.get('hardware/cpu', '?')} ({r.params.get('hardware/torch_threads', '?')} torch threads)"
-                   for r in runs.values()})
+    # The precision is decided from the CPU at run time (lanpo_core/hardware.py): a sitting on a CPU without native
+    # bf16 runs fp32 and its runs would differ by more than the seed does. Mixed settings are named, not averaged over.
+    machines: dict[str, list[str]] = {}
+    for r in runs.values():
+        machine = (f"{r.params.get('hardware/cpu', '?')}, {r.params.get('hardware/torch_threads', '?')} torch threads, "
+                   f"update in {'bf16' if r.params.get('precision/update_bf16') == 'true' else 'fp32'}, vLLM in "
+                   f"{r.params.get('precision/vllm_dtype', '?')}")
+        machines.setdefault(machine, []).append(f"{r.variant}-s{r.seed}")
+    if len(machines) == 1:
+        hardware = f"all runs: {next(iter(machines))}"
+    else:
+        hardware = "**mixed machines, the arms are not comparable as they stand**: " + "; ".join(
+            f"{m} ({len(names)} runs: {', '.join(sorted(names))})" for m, names in machines.items())
     lines = [
         "# Results: LANPO vs plain GRPO on experiment-cpu",
         "",
@@ -409,8 +459,9 @@ def report(out: Path, path: Path, plot_path: Path, command: str) -> str:
         "problems of the same generator that never share a question with training, scored greedy and "
         f"mean@{setup['eval.samples']} at T={setup['eval.temperature']}. One run's greedy accuracy has a standard "
         f"error of about {100 * math.sqrt(p * (1 - p) / n_eval):.1f} points from the finite held-out set alone; the "
-        "intervals below are over seeds (seed = data order and sampling seeds), which include it. CPU: "
-        f"{', '.join(cpus)}. Why this task, and what was cut: docs/experiment.md.",
+        "intervals below are over seeds (seed = data order and sampling seeds), which include it. Machine and "
+        f"precision (decided from the CPU at run time), {hardware}. Why this task, and what was cut: "
+        "docs/experiment.md.",
         "",
     ]
     lines += verdict_section(arms)
@@ -449,7 +500,7 @@ def verdict_section(arms: Arms) -> list[str]:
             lines.append(f"- {text}: not run yet ({a if not arms.seeds[a] else b} has no finished run).")
             return
         seeds, diffs = arms.paired(a, b)
-        _, mean2 = arms.paired(a, b, "mean_at_2")
+        _, mean2 = arms.paired(a, b, "mean_at_k")
         lines.append(f"- {text}: {a} - {b} = {diff_text(diffs)} greedy, {diff_text(mean2)} mean@2 "
                      f"(seeds {seeds}): **{verdict(diffs)}**.{extra}")
 
@@ -473,14 +524,18 @@ def verdict_section(arms: Arms) -> list[str]:
           "context-out")
     claim("The shared baseline is not the source of a difference (vs plain-only baseline; 'not established' is "
           "the expected outcome)", "lanpo", "plain-baseline")
-    for (v, seed), again in arms.replicates.items():
-        if (v, seed) in arms.runs:
-            first = arms.runs[(v, seed)]
-            pairs = ", ".join(f"{label} {pct(first.last(f'eval/{BENCH}/{k}'))} then {pct(again.last(f'eval/{BENCH}/{k}'))}"
-                              for k, label in EVAL_KEYS.items())
-            lines.append(f"- Reproducibility: {v} seed {seed} run again later, same code, config and seed: {pairs}. "
-                         "The difference is what a seed does not pin down (sampling on CPU threads, another sitting "
-                         "of the machine); compare it with the paired differences above.")
+    pairs = {(v, seed): (arms.runs[(v, seed)], again) for (v, seed), again in sorted(arms.replicates.items())
+             if (v, seed) in arms.runs}
+    if pairs:
+        def shift(k: str) -> str:
+            d = [100 * (again.last(f"eval/{BENCH}/{k}") - first.last(f"eval/{BENCH}/{k}")) for first, again in pairs.values()]
+            return f"{statistics.mean(d):+.1f}" + (f" (range {min(d):+.1f} to {max(d):+.1f})" if len(d) > 1 else "")
+        each = ", ".join(f"{v} s{seed} {pct(first.last(f'eval/{BENCH}/greedy'))} then "
+                         f"{pct(again.last(f'eval/{BENCH}/greedy'))}" for (v, seed), (first, again) in pairs.items())
+        lines.append(f"- Reproducibility: runs made again later with the same code, config and seed (greedy: {each}) "
+                     f"moved by {shift('greedy')} greedy and {shift('mean_at_k')} mean@2 points. That is what a seed "
+                     "does not pin down (sampling on CPU threads, another sitting of the machine); arms run in "
+                     "different sittings (driver.log) differ by this much before any effect.")
     mass, count = kind_mass(arms.of("lanpo")) if arms.seeds["lanpo"] else ({}, {})
     if sum(mass.values()) and sum(count.values()):
         context = [k for k in KINDS if k != "plain"]
@@ -627,6 +682,11 @@ def main() -> None:
     ap.add_argument("--report", default=str(REPO / "docs" / "results.md"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run (smoke tests: a tiny model, fewer eval problems)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's checkpoints (1.6 GiB per run here) to train it further")
+    ap.add_argument("--replicates", default="", metavar="RUN,...",
+                    help="finished runs (e.g. lanpo-s0,lanpo-s2) to run again into <out>/replicates, same code, "
+                         "config, seed and MLflow store: the report sets each against its first run")
     ap.add_argument("--no-mechanism", action="store_true", help="skip bench/mechanism.py")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -645,20 +705,28 @@ def main() -> None:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        replicates = []
+        for name in [x.strip() for x in args.replicates.split(",") if x.strip()]:
+            variant, _, seed = name.rpartition("-s")
+            if variant not in VARIANTS or not seed.isdigit():
+                raise SystemExit(f"--replicates: {name!r} is not VARIANT-sSEED with a variant of {', '.join(VARIANTS)}")
+            replicates.append((variant, int(seed)))
         seeds = {"main": args.seeds, "control": args.control_seeds, "ablation": args.ablation_seeds}
         seeds = {group: [int(x) for x in text.split(",") if x.strip()] for group, text in seeds.items()}
         started = time.perf_counter()
         # the main comparison seed by seed (so an interrupted run leaves paired seeds), then controls, ablations
         for seed in seeds["main"]:
-            run_job("base", seed, args.steps, out, args.set)
+            run_job("base", seed, args.steps, out, args.set, args.keep_checkpoints)
             for v in variants:
                 if VARIANTS[v][2] == "main":
-                    run_job(v, seed, args.steps, out, args.set)
+                    run_job(v, seed, args.steps, out, args.set, args.keep_checkpoints)
         for group in ("control", "ablation"):
             for seed in seeds[group]:
                 for v in variants:
                     if VARIANTS[v][2] == group:
-                        run_job(v, seed, args.steps, out, args.set)
+                        run_job(v, seed, args.steps, out, args.set, args.keep_checkpoints)
+        for variant, seed in replicates:
+            run_job(variant, seed, args.steps, out / "replicates", args.set, args.keep_checkpoints)
         if not args.no_mechanism and not (out / "mechanism.json").exists():
             print(f"[{time.strftime('%H:%M:%S')}] mechanism check ...", flush=True)
             subprocess.call([sys.executable, str(REPO / "bench" / "mechanism.py"), "--out",

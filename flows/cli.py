@@ -7,6 +7,7 @@
     lanpo data inspect configs/tiny-cpu.yaml          # counts, samples, gold-answer parse rate
     lanpo verify responses.jsonl --out scored.jsonl   # score model outputs against gold answers
     lanpo config show configs/tiny-cpu.yaml --set grpo.learning_rate=1e-5
+    lanpo trainer --channel runs/trainer --num_processes 2 --cpu   # the update on an `accelerate launch` trainer
 
 Errors that are the user's to fix (config, data, model, a damaged checkpoint, a full disk) print one clear message
 and exit with status 2.
@@ -188,7 +189,7 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         typer.secho(f"error: {type(e).__name__}: {e}" + (f"\n  full log: {log}" if log else ""),
                     fg=typer.colors.RED, file=err)
         raise typer.Exit(1) from None
-    _print_run(summary, time.perf_counter() - started, log, out)
+    _print_run(summary, time.perf_counter() - started, log, out, cfg.eval.samples)
 
 
 def _output_to_log(log: Path) -> tuple[TextIO, TextIO]:
@@ -225,8 +226,9 @@ def _lanpo_logs(console: TextIO) -> None:
         logger.addHandler(Console(logging.WARNING))
 
 
-def _print_run(summary: dict, seconds: float, log: Path | None, out: TextIO) -> None:
-    """The end of `lanpo train`: accuracy before and after, time by stage, and where everything is."""
+def _print_run(summary: dict, seconds: float, log: Path | None, out: TextIO, samples: int) -> None:
+    """The end of `lanpo train`: accuracy before and after (mean@k with k = `samples`), time by stage, and where
+    everything is."""
     from flows.train import ACCURACY
 
     def echo(text: str = "") -> None:
@@ -235,7 +237,8 @@ def _print_run(summary: dict, seconds: float, log: Path | None, out: TextIO) -> 
     typer.secho(f"done in {seconds / 60:.1f} min: {summary['steps']} step(s), run {summary['run_key']}",
                 fg=typer.colors.GREEN, file=out)
     before = summary.get("eval_before", {})
-    rows = [(f"{m.group(1)} {m.group(2).replace('mean_at_', 'mean@').replace('_', ' ')}", before.get(k), v)
+    label = {"mean_at_k": f"mean@{samples}", "feedback_greedy": "feedback greedy"}
+    rows = [(f"{m.group(1)} {label.get(m.group(2), m.group(2))}", before.get(k), v)
             for k, v in summary.items() if (m := ACCURACY.fullmatch(k))]
     if rows:
         width = max(len(name) for name, _, _ in rows)
@@ -281,6 +284,18 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
 
         summary = lanpo_evaluate(str(config or DEFAULT_CONFIG), model, list(set_ or []))
     _print_summary(summary)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def trainer(ctx: typer.Context,
+            channel: Path = typer.Option(..., "--channel", help="The folder of the runs' update.trainer.channel."),
+            poll_seconds: float = typer.Option(0.5, help="How often rank 0 looks for a request.")) -> None:
+    """The long-lived trainer of `update.placement: trainer`: `accelerate launch` with the other flags given (e.g.
+    `--num_processes 2 --cpu`, or `--config_file configs/accelerate/ddp-4gpu.yaml`) running lanpo_core.trainer,
+    which answers the flow's update requests on CHANNEL until the run's last step (docs/scale-out.md)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ctx.args, "-m", "lanpo_core.trainer",
+               "--channel", str(channel), "--poll-seconds", str(poll_seconds)]
+    os.execv(sys.executable, command)
 
 
 @app.command()

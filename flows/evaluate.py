@@ -12,6 +12,7 @@ from .train import DEFAULT_CONFIG, check_inputs, prefect_tags, resolve_config_pa
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
 from lanpo_core.config import load_config
 from tasks import tracking
@@ -61,18 +62,15 @@ def lanpo_evaluate(config: str = DEFAULT_CONFIG, model: str | None = None, overr
     resolve_policy(model, cfg.paths.cache_dir)  # before any task: a missing model or damaged checkpoint fails here
     name = run_name or f"eval-{Path(model).name}"
     out_dir = Path(cfg.paths.runs_dir).resolve() / "evaluations" / f"{name}-{cfg.digest()[:8]}"
-    import mlflow
-
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=name,
-                          log_system_metrics=cfg.tracking.system_metrics) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({"lanpo_kind": "evaluation", "model": model, "config_digest": cfg.digest(), **prefect_tags()})
+    # a run of its own per flow run (a retry of the flow run resumes it); ends FAILED or KILLED like a training run
+    tags = {"lanpo_kind": "evaluation", "model": model, **prefect_tags(), **tracking.override_tags(overrides)}
+    with tracking.parent_run(cfg, f"evaluation-{flow_run.id}", name, tags=tags) as run_id:
         tracking.log_datasets(run_id, inputs.datasets()[1:])  # the held-out sets; the training set is not read
         link = tracking.run_link(cfg, run_id, served_mlflow_ui())
         logger.info("evaluating %s; MLflow run %s", model, link)
         metrics = evaluate_model(config_path, overrides, model, str(out_dir))
         tracking.log_metrics(run_id, metrics, step=0)
-        tracking.log_file(run_id, out_dir / "predictions.jsonl", "eval")
+        tracking.log_predictions(run_id, out_dir / "predictions.jsonl", step=0)
     create_table_artifact([{"metric": k, "value": round(v, 4)} for k, v in sorted(metrics.items())],
                           key="lanpo-evaluation", description=f"zero-shot evaluation of {model}; MLflow run: "
                                                               f"{link.markdown()}")

@@ -223,7 +223,7 @@ def lanpo_train(config: str | RunConfig = DEFAULT_CONFIG, overrides: list[str] |
 
     policy, pool_version, before, evals = PolicyRef.base(cfg), 0, {}, {}
     try:
-        tags = {**prefect_tags(), **inputs.provenance.tags(), "overrides": " ".join(overrides or [])[:5000]}
+        tags = {**prefect_tags(), **inputs.provenance.tags(), **tracking.override_tags(overrides or [])}
         with tracking.parent_run(cfg, run.key, run_name or cfg.name, tags=tags) as mlflow_run_id:
             tracking.log_datasets(mlflow_run_id, inputs.datasets())
             link = tracking.run_link(cfg, mlflow_run_id, served_mlflow_ui())
@@ -318,7 +318,7 @@ class _Stages:
         return latest is not None and latest.step >= step
 
 
-ACCURACY = re.compile(r"eval/(.+)/(greedy|mean_at_\d+|feedback_greedy)")
+ACCURACY = re.compile(r"eval/(.+)/(greedy|mean_at_k|feedback_greedy)")
 """The accuracy metrics of a benchmark, as (benchmark, kind) (not its coverage, per-group or per-status counts)."""
 
 
@@ -329,8 +329,8 @@ def _no_times(metrics: dict[str, float]) -> dict[str, float]:
 def headline_accuracy(metrics: dict[str, float]) -> float | None:
     """Zero-shot greedy pass@1 (mean@k when greedy is off), averaged over the benchmarks."""
     found = {k: ACCURACY.fullmatch(k) for k in metrics}
-    for wanted in ("greedy", "mean_at_"):
-        values = [metrics[k] for k, m in found.items() if m and m.group(2).startswith(wanted)]
+    for wanted in ("greedy", "mean_at_k"):
+        values = [metrics[k] for k, m in found.items() if m and m.group(2) == wanted]
         if values:
             return sum(values) / len(values)
     return None

@@ -427,6 +427,36 @@ class GrpoConfig(_Section):
         return self
 
 
+class TrainerConfig(_Section):
+    channel: str | None = None
+    """Folder the flow and a running trainer (`lanpo trainer`) exchange steps through: a request file per step from the
+    flow, a response after the checkpoint is on disk, and the trainer's heartbeat (lanpo_core/trainer.py). Required
+    with `update.placement: trainer`. The flow and the trainer's rank 0 must both see it, and every rank must see the
+    run folder (checkpoints are read from there on resume)."""
+    timeout_seconds: float = Field(3600.0, gt=0)
+    """Longest wait for one step's checkpoint; the stage then fails naming the trainer and the file it waited for."""
+    liveness_seconds: float = Field(60.0, gt=0)
+    """A trainer whose heartbeat is older than this, or whose process is gone, fails the stage (after the flow has
+    waited this long itself, so a trainer still starting up gets the time)."""
+    poll_seconds: float = Field(0.5, gt=0)
+    """How often the flow looks for the response and the heartbeat."""
+
+
+class UpdateConfig(_Section):
+    placement: Literal["in_process", "trainer"] = "in_process"
+    """Where the policy update runs: `in_process` (the flow's process, one device) or `trainer` (a long-lived
+    `accelerate launch` trainer, any number of ranks, reached through `update.trainer.channel`; docs/scale-out.md).
+    Both run the same update and write the same checkpoints."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """The trainer of `placement: trainer`."""
+
+    @model_validator(mode="after")
+    def _channel_named(self) -> "UpdateConfig":
+        if self.placement == "trainer" and not self.trainer.channel:
+            raise ValueError("update.placement 'trainer' needs update.trainer.channel (the folder the trainer watches)")
+        return self
+
+
 # ------------------------------------------------------------------------------------------------- eval
 class EvalConfig(_Section):
     every: int = Field(5, ge=0)
@@ -457,7 +487,9 @@ class TrackingConfig(_Section):
     experiment: str = "lanpo"
     """MLflow experiment name."""
     log_rollout_samples: int = Field(16, ge=0)
-    """Rollouts (with contexts) saved as an artifact per step."""
+    """Rollouts logged per step, the first N of the step (whole groups when N is a multiple of G; 0: none): rows of
+    the run's `completions.json` table (question, gold answer, kind, context, response, extracted answer, reward) and
+    `rollouts/step-<t>.yaml`."""
     system_metrics: bool = True
     """MLflow's system metrics (`system/*`: CPU, memory, disk, network) for the run, sampled by a thread of the flow's
     process every 10 s (env MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): about 0.1 ms of CPU and one small write per
@@ -494,6 +526,8 @@ class RunConfig(_Section):
     """Experience pool."""
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     """Policy update."""
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
+    """Where the update runs (in the flow's process, or on a multi-process trainer)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Evaluation."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -541,7 +575,8 @@ class RunConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
-        """Dotted `key: value` view (MLflow params)."""
+        """Dotted `key: value` view (MLflow params): lists of sections are indexed (`data.eval.0.name`), so that
+        each of their fields is a value of its own; lists of plain values (`verify.extraction`) stay lists."""
         return flatten(self.model_dump(mode="json"))
 
 
@@ -555,6 +590,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             out.update(flatten(value, dotted + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            out.update(flatten({str(i): v for i, v in enumerate(value)}, dotted + "."))
         else:
             out[dotted] = value
     return out

@@ -1,7 +1,8 @@
 """Evaluation (METHOD.md step 9) on held-out benchmarks.
 
 Zero-shot (the headline): plain prompt, no pool. For each benchmark: mean@k (k = `eval.samples` samples per problem
-at `eval.temperature`, accuracy averaged over all samples) and, with `eval.greedy`, greedy pass@1.
+at `eval.temperature`, accuracy averaged over all samples; named `mean_at_k` whatever k, so that runs with different
+k share the metric and k is read from the run's `eval.samples`) and, with `eval.greedy`, greedy pass@1.
 
 Feedback-augmented (secondary, `eval.feedback`): greedy pass@1 with the abstraction prompt, whose lessons come from
 experiences of the *training* pool similar to the test problem, made by the run's abstractor. The pool is only read:
@@ -12,8 +13,9 @@ or whose context the leakage guard drops, is answered with the plain prompt, as 
 fraction that really had lessons is reported as `feedback_coverage`.
 
 Problems whose gold answer is unusable are left out of the denominators and counted. Breakdowns by `subject` and
-`level` where the problems carry them (MATH-500). Every prediction is returned with its extracted answer and status,
-so any number here can be recomputed from the saved predictions (`accuracy_from_predictions`).
+`level` where the problems carry them (MATH-500). Every prediction is returned with its question, gold answer,
+extracted answer and status, so any number here can be recomputed (and read) from the saved predictions
+(`accuracy_from_predictions`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .verify import Verifier
 class Prediction:
     benchmark: str
     problem_id: str
+    question: str
+    gold: str
     mode: str
     """`sampled`, `greedy` or `feedback_greedy`."""
     sample: int
@@ -50,7 +54,7 @@ class Prediction:
 
 def evaluate_zero_shot(engine: RolloutEngine, benchmarks: dict[str, Sequence[Any]], cfg: RunConfig,
                        verifier: Verifier, seed: int = 0) -> tuple[dict[str, float], list[Prediction]]:
-    """Metrics `eval/<benchmark>/mean_at_<k>`, `eval/<benchmark>/greedy`, breakdowns, and all predictions."""
+    """Metrics `eval/<benchmark>/mean_at_k`, `eval/<benchmark>/greedy`, breakdowns, and all predictions."""
     ev = cfg.eval
     predictions: list[Prediction] = []
     modes = [("sampled", ev.samples, ev.temperature)] + ([("greedy", 1, 0.0)] if ev.greedy else [])
@@ -65,10 +69,11 @@ def evaluate_zero_shot(engine: RolloutEngine, benchmarks: dict[str, Sequence[Any
             by_id = {p.id: p for p in problems}
             scores = verifier.score_batch((c.text, by_id[c.tags["problem_id"]].answer) for c in completions)
             for c, s in zip(completions, scores):
-                meta = by_id[c.tags["problem_id"]].metadata
-                predictions.append(Prediction(name, c.tags["problem_id"], mode, c.sample_index, c.text, s.extracted,
-                                              s.status, s.reward, _opt(meta.get("subject")), _opt(meta.get("level"))))
-    return accuracy_from_predictions(predictions, ev.samples), predictions
+                p = by_id[c.tags["problem_id"]]
+                predictions.append(Prediction(name, p.id, p.question, p.answer, mode, c.sample_index, c.text,
+                                              s.extracted, s.status, s.reward, _opt(p.metadata.get("subject")),
+                                              _opt(p.metadata.get("level"))))
+    return accuracy_from_predictions(predictions), predictions
 
 
 def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence[Any]], cfg: RunConfig,
@@ -97,12 +102,12 @@ def evaluate_with_feedback(engine: RolloutEngine, benchmarks: dict[str, Sequence
         scores = verifier.score_batch((c.text, by_id[c.tags["problem_id"]].answer) for c in completions)
         for c, s in zip(completions, scores):
             p = by_id[c.tags["problem_id"]]
-            predictions.append(Prediction(name, original[p.id], "feedback_greedy", 0, c.text, s.extracted,
-                                          s.status, s.reward, _opt(p.metadata.get("subject")),
+            predictions.append(Prediction(name, original[p.id], p.question, p.answer, "feedback_greedy", 0, c.text,
+                                          s.extracted, s.status, s.reward, _opt(p.metadata.get("subject")),
                                           _opt(p.metadata.get("level")), context=bool(c.tags["context"])))
         for key, value in batch.metrics(f"eval/{name}/feedback/").items():
             stats[key] = value
-    return {**accuracy_from_predictions(predictions, ev.samples), **stats}, predictions
+    return {**accuracy_from_predictions(predictions), **stats}, predictions
 
 
 def _limited(problems: Sequence[Any], limit: int | None) -> list[Any]:
@@ -113,7 +118,7 @@ def _opt(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def accuracy_from_predictions(predictions: Sequence[Prediction | dict], k: int) -> dict[str, float]:
+def accuracy_from_predictions(predictions: Sequence[Prediction | dict]) -> dict[str, float]:
     """Recompute every evaluation metric from predictions (objects or their dicts)."""
     rows = [p.as_dict() if isinstance(p, Prediction) else p for p in predictions]
     groups: dict[str, list[float]] = defaultdict(list)
@@ -122,7 +127,7 @@ def accuracy_from_predictions(predictions: Sequence[Prediction | dict], k: int) 
         if r["reward"] is None:
             unusable[r["benchmark"]].add(r["problem_id"])
             continue
-        label = f"mean_at_{k}" if r["mode"] == "sampled" else r["mode"]
+        label = "mean_at_k" if r["mode"] == "sampled" else r["mode"]
         if r["mode"] == "feedback_greedy":
             groups[f"eval/{r['benchmark']}/feedback_coverage"].append(1.0 if r.get("context") else 0.0)
         correct = 1.0 if r["status"] == "correct" else 0.0

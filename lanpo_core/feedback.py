@@ -561,12 +561,8 @@ class FeedbackBuilder:
         lessons_for: dict[str, list[str]] = {}
         requests: dict[str, tuple[Any, list[Any]]] = {}  # lesson key -> (first problem, experiences)
         for p in problems:
-            exps = self.pool.similar_experiences(
-                p.id, p.question, top_k=cfg.top_k, min_similarity=cfg.min_similarity,
-                duplicate_similarity=cfg.duplicate_similarity, successful_only=cfg.successful_only,
-                source_choice=cfg.source_choice, before_step=step)
+            exps = self._sources(p, step, cfg.min_similarity, batch)
             if not exps:
-                batch.stats["abstraction/no_source"] += 1
                 continue
             sources[p.id] = exps
             stored = self.pool.get_lessons([e.uid for e in exps])
@@ -596,6 +592,17 @@ class FeedbackBuilder:
             batch.stats["abstraction/built"] += 1
         return batch
 
+    def _sources(self, problem: Any, step: int | None, min_similarity: float | None, batch: FeedbackBatch) -> list:
+        """The experiences of other problems an abstraction context draws on (counted as `no_source` when none)."""
+        cfg = self.lanpo.abstraction
+        exps = self.pool.similar_experiences(
+            problem.id, problem.question, top_k=cfg.top_k, min_similarity=min_similarity,
+            duplicate_similarity=cfg.duplicate_similarity, successful_only=cfg.successful_only,
+            source_choice=cfg.source_choice, before_step=step)
+        if not exps:
+            batch.stats["abstraction/no_source"] += 1
+        return exps
+
     def _passes(self, kind: str, parts: Sequence[str], problem: Any, batch: FeedbackBatch,
                 enforce: bool = True) -> bool:
         """The guard's verdict on a context (counted); `enforce=False` (a failure control) only counts what it
@@ -616,12 +623,8 @@ class FeedbackBuilder:
         cfg = self.lanpo.abstraction
         batch = FeedbackBatch()
         for p in problems:
-            exps = self.pool.similar_experiences(
-                p.id, p.question, top_k=cfg.top_k, min_similarity=None,
-                duplicate_similarity=cfg.duplicate_similarity, successful_only=cfg.successful_only,
-                source_choice=cfg.source_choice, before_step=step)
+            exps = self._sources(p, step, None, batch)
             if not exps:
-                batch.stats["abstraction/no_source"] += 1
                 continue
             parts = [EXPERIENCE_TEMPLATE.format(n=i + 1, problem=e.problem_text.strip(),
                                                 response=e.response.strip()[:cfg.max_experience_chars])

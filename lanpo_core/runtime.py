@@ -1,7 +1,8 @@
 """The heavy objects of one run (policy and updater, rollout engines, pool, verifier, held-out data), made on first use.
 
 `Runtime` is the one owner of the policy's weights: they change only in `ensure_policy` (restore a checkpoint) and in
-`apply_update` (an update, its checkpoint, the engine sync), and both keep the rollout engine in step. Which weights
+`apply_update` (an update, its checkpoint, the engine sync; or, with `update.placement: trainer`, the trainer's update
+and the load of its checkpoint), and both keep the rollout engine in step. Which weights
 are loaded is tracked as a `PolicyRef`, the small value that stages pass to each other instead of a model.
 """
 
@@ -144,27 +145,42 @@ class Runtime:
             if ref.path is None:
                 raise RuntimeError(f"the in-memory policy is {self.policy}, cannot go back to the base model")
             log.info("loading checkpoint %s (step %d)", ref.path, ref.step)
-            updater.load_checkpoint(ref.path)
+            # with a trainer elsewhere, this process only serves its weights to the rollout engine
+            updater.load_checkpoint(ref.path, weights_only=self.cfg.update.placement == "trainer")
             self._sync_engine()
             self.policy = ref
 
-    def apply_update(self, samples: Sequence[Any]) -> tuple[PolicyRef, dict[str, float]]:
-        """One update of the in-memory policy on `samples`, its checkpoint, and the engine sync. With
-        `grpo.checkpoint_background` the checkpoint is written while the next stages run (the next save, a
-        checkpoint load and `close` wait for it). Returns the new policy and the update's metrics, with
-        `time/update_seconds` and `time/sync_seconds` (checkpoint write or snapshot, plus engine sync)."""
-        updater = self.updater
+    def apply_update(self, samples: Sequence[Any], policy: PolicyRef) -> tuple[PolicyRef, dict[str, float]]:
+        """One update of `policy` on `samples`, its checkpoint, and the engine sync. In process (`update.placement`)
+        the in-memory policy is updated; with `grpo.checkpoint_background` the checkpoint is written while the next
+        stages run (the next save, a checkpoint load and `close` wait for it). With `placement: trainer` the step is
+        handed to the running trainer, which writes the checkpoint, and its weights are then loaded here for the
+        engine. Returns the new policy and the update's metrics, with `time/update_seconds` (the trainer's whole
+        round trip) and `time/sync_seconds` (checkpoint write or snapshot, or the load of the trainer's, plus engine
+        sync)."""
         with self.lock:
             started = time.perf_counter()
-            metrics = updater.step(samples)
+            if self.cfg.update.placement == "trainer":
+                from .trainer import hand_off
+
+                new, metrics = hand_off(self.cfg, self.run_dir, policy, samples)
+                updated = time.perf_counter()
+                self.ensure_policy(new)
+                return self._update_result(metrics, started, updated)
+            self.ensure_policy(policy)
+            metrics = self.updater.step(samples)
             updated = time.perf_counter()
-            info = updater.save_checkpoint(background=self.cfg.grpo.checkpoint_background)
+            info = self.updater.save_checkpoint(background=self.cfg.grpo.checkpoint_background)
             self.policy = PolicyRef(info.step, info.checksum, str(info.path))
             self._sync_engine()
-            metrics = {f"update/{k}": v for k, v in metrics.items()}
-            metrics["time/update_seconds"] = updated - started
-            metrics["time/sync_seconds"] = time.perf_counter() - updated
-            return self.policy, metrics
+            return self._update_result(metrics, started, updated)
+
+    def _update_result(self, metrics: dict[str, float], started: float, updated: float
+                       ) -> tuple[PolicyRef, dict[str, float]]:
+        metrics = {f"update/{k}": v for k, v in metrics.items()}
+        metrics["time/update_seconds"] = updated - started
+        metrics["time/sync_seconds"] = time.perf_counter() - updated
+        return self.policy, metrics
 
     def wait_checkpoint(self) -> None:
         """Block until the latest checkpoint is on disk (raises if its write failed)."""

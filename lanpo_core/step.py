@@ -290,13 +290,13 @@ def write_pool(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout]
 def update(rt: Runtime, problems: Sequence[Any], rollouts: Sequence[Rollout], policy: PolicyRef
            ) -> tuple[PolicyRef, Metrics]:
     """One GRPO update of `policy` on the step's rollouts (reward only: no text of the feedback reaches the loss
-    except through the responses themselves); returns the new policy and writes its checkpoint."""
-    rt.ensure_policy(policy)
+    except through the responses themselves); returns the new policy and writes its checkpoint (in this process, or
+    on the trainer of `update.placement: trainer`)."""
     samples, unusable = training_samples(rollouts, plain_prompt_ids(problems, rt.tokenizer, rt.cfg), rt.cfg)
     if not samples:
         log.warning("step %d: no usable rollout (every group unusable or refused); the update is skipped",
                     policy.step + 1)
-    new, metrics = rt.apply_update(samples)
+    new, metrics = rt.apply_update(samples, policy)
     return new, {**metrics, "update/unusable_groups": float(unusable)}
 
 
@@ -344,8 +344,10 @@ def predictions_path(run_dir: str | Path, step: int) -> Path:
 def train(cfg: RunConfig, run_dir: str | Path, log: Any = None) -> dict[str, Any]:
     """Run `cfg` from the base model to its last step in this process, without Prefect or MLflow.
 
-    `log(metrics, step)`, if given, receives every stage's metrics. Returns the final policy, pool version and
-    evaluations (`eval_before` with `eval.at_start`). The same config gives the same checkpoint as the flow.
+    `log(metrics, step)`, if given, receives every stage's metrics, by the step counted from 1 as the flow logs them
+    to MLflow (a step's stages and the evaluation of the policy it makes at that step; the base policy's at 0).
+    Returns the final policy, pool version and evaluations (`eval_before` with `eval.at_start`). The same config
+    gives the same checkpoint as the flow.
     """
     log = log or (lambda metrics, step: None)
     rt = Runtime(cfg, run_dir)
@@ -362,7 +364,7 @@ def train(cfg: RunConfig, run_dir: str | Path, log: Any = None) -> dict[str, Any
             rollouts, m3 = score(rt, problems, completions, policy)
             pool_version, m4 = write_pool(rt, problems, rollouts, feedback, step)
             policy, m5 = update(rt, problems, rollouts, policy)
-            log({**m1, **m2, **m3, **m4, **m5}, step)
+            log({**m1, **m2, **m3, **m4, **m5}, step + 1)
             if eval_due(step, cfg):
                 out["eval"], _ = evaluate(rt, policy)
                 log(out["eval"], policy.step)

@@ -206,9 +206,12 @@ class _MicroBatch:
     inputs: dict[str, torch.Tensor]
     """TRL's inputs. `advantages` are w * A; the weights of `offpolicy` rows are multiplied in once known."""
     accumulation_steps: float
-    """N / |micro-batch|. TRL divides grpo/bnpo/dr_grpo losses by its accumulation count, so this makes the sum over
-    micro-batches the mean over all N sequences of the step (micro-batches may differ in size)."""
+    """N / (|micro-batch| x ranks), |micro-batch| counting padding rows where TRL's loss does (grpo, dr_grpo). TRL
+    divides grpo/bnpo/dr_grpo losses by its accumulation count, so this makes the sum over micro-batches, averaged
+    over ranks, the mean over all N sequences of the step (micro-batches may differ in size)."""
     tokens: int
+    """Completion tokens of the micro-batch's round: itself and the micro-batches the other ranks run beside it (TRL
+    reduces its logged token means over the ranks)."""
     offpolicy: _OffPolicyRows | None
     """Rows whose weight comes from this micro-batch's training forward (num_iterations == 1); cleared once used."""
 
@@ -313,6 +316,13 @@ class PolicyUpdater:
     def lr_scheduler(self):
         return self.trainer.lr_scheduler
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(this process's rank, ranks): (0, 1) in one process; under `accelerate launch` each rank runs its share of
+        a step's micro-batches and the gradients are averaged over the ranks (lanpo_core/trainer.py)."""
+        accelerator = self.trainer.accelerator
+        return accelerator.process_index, accelerator.num_processes
+
     # ------------------------------------------------------------------------------------------ public API
     def step(self, samples: Sequence[RolloutSample]) -> dict[str, float]:
         """One LANPO update on a step's rollouts: `num_iterations` optimiser updates on the same batch.
@@ -328,6 +338,8 @@ class PolicyUpdater:
         for _ in range(self.config.grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss, metrics_of_pass = self._forward_backward(prep)
+            if trained:
+                loss = self._average_gradients(params, loss)
             losses.append(loss)
             pass_metrics.append(metrics_of_pass)
             if trained:
@@ -343,6 +355,7 @@ class PolicyUpdater:
             self.optimizer_steps += 1
         self.step_count += 1
         self.trainer.state.global_step = self.optimizer_steps
+        self._gather_offpolicy(prep)
         metrics = dict(prep.metrics)
         metrics.update(pass_metrics[0])
         metrics.update(self._is_metrics(prep))
@@ -365,6 +378,9 @@ class PolicyUpdater:
         prep = self._prepare(samples)
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics_of_pass = self._forward_backward(prep)
+        if prep.micro_batches:
+            loss = self._average_gradients([p for p in self.model.parameters() if p.requires_grad], loss)
+        self._gather_offpolicy(prep)
         out = dict(prep.metrics)
         out.update(metrics_of_pass)
         out.update(self._is_metrics(prep))
@@ -374,7 +390,8 @@ class PolicyUpdater:
     # ------------------------------------------------------------------------------------------ internals
     def _pad(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
         pmax = max(len(p) for p in prompts)
-        cmax = max(len(c) for c in completions)
+        # padding rows alone get two columns: TRL's metrics read a (B, 1) tensor as one value per sequence
+        cmax = max(len(c) for c in completions) or 2
         n = len(prompts)
         prompt_ids = torch.full((n, pmax), self.pad_id, dtype=torch.long)
         prompt_mask = torch.zeros((n, pmax), dtype=torch.long)
@@ -530,6 +547,12 @@ class PolicyUpdater:
         trained_idx.sort(key=lambda i: -(len(samples[i].train_prompt_ids) + len(samples[i].completion_ids)))
         size = grpo.micro_batch_size
         chunks = [trained_idx[k:k + size] for k in range(0, len(trained_idx), size)]
+        # Several ranks: round r runs micro-batches r*ranks .. r*ranks + ranks-1, one per rank (similar lengths, as
+        # they are sorted). TRL's loss gathers per-sequence metrics over the ranks at every micro-batch, so within a
+        # round every rank runs one with the same number of rows: shorter ones (and a rank without one in the last
+        # round) get padding rows, one prompt token and no completion token, which add nothing to loss or gradient.
+        rank, ranks = self.shard
+        rounds = [chunks[k:k + ranks] for k in range(0, len(chunks), ranks)]
 
         total_tokens = sum(len(s.completion_ids) for s in samples)
         steps_per_generation = self.trainer.args.steps_per_generation
@@ -538,13 +561,20 @@ class PolicyUpdater:
         is_weights: dict[int, float] = {}
         truncated: dict[int, float] = {}
         micro_batches = []
-        for rows in chunks:
-            batch = self._pad([samples[i].train_prompt_ids for i in rows], [samples[i].completion_ids for i in rows])
+        for round_chunks in rounds:
+            round_tokens = sum(len(samples[i].completion_ids) for rows in round_chunks for i in rows)
+            rows = round_chunks[rank] if rank < len(round_chunks) else []
+            padding = max(len(c) for c in round_chunks) - len(rows)
+            batch = self._pad([samples[i].train_prompt_ids for i in rows] + [[self.pad_id]] * padding,
+                              [samples[i].completion_ids for i in rows] + [[]] * padding)
             inputs = dict(batch)
             # (B, C): TRL accepts per-token advantages, which a per-token off-policy weight needs
             width = batch["completion_ids"].size(1)
-            inputs["advantages"] = weighted_advantages[rows, None].expand(-1, width).contiguous().to(self.device)
-            accumulation_steps = n / len(rows)
+            row_advantages = torch.cat([weighted_advantages[rows], torch.zeros(padding)])
+            inputs["advantages"] = row_advantages[:, None].expand(-1, width).contiguous().to(self.device)
+            # grpo and dr_grpo divide by the rows TRL sees (padding included), bnpo by the micro-batch's tokens
+            divisor = len(rows) + padding if grpo.loss_type in ("grpo", "dr_grpo") else max(1, len(rows))
+            accumulation_steps = n / (divisor * ranks)
             # dapo normalises by num_items_in_batch * current accumulation count / steps_per_generation: make that
             # the step's completion-token count
             inputs["num_items_in_batch"] = torch.tensor(total_tokens * steps_per_generation / accumulation_steps,
@@ -560,8 +590,7 @@ class PolicyUpdater:
                     self._apply_offpolicy_weights(inputs["advantages"], inputs["old_per_token_logps"],
                                                   offpolicy_rows, log_ratios, is_weights, truncated)
                     offpolicy_rows = None
-            micro_batches.append(_MicroBatch(inputs, accumulation_steps, int(batch["completion_mask"].sum()),
-                                             offpolicy_rows))
+            micro_batches.append(_MicroBatch(inputs, accumulation_steps, round_tokens, offpolicy_rows))
 
         metrics = self._batch_metrics(scored, samples, advantages, groups, zero_variance, off_policy, dropped,
                                       nan_tokens, trained_idx, total_tokens)
@@ -570,10 +599,48 @@ class PolicyUpdater:
         return _Prepared(n, micro_batches, metrics, log_ratios, is_weights, truncated, [s.kind for s in samples],
                          advantages, dropped)
 
+    def _average_gradients(self, params: list[torch.Tensor], loss: float) -> float:
+        """Average the gradients and the pass's loss over the ranks (nothing to do in one process), as DDP does: each
+        rank's losses are scaled by the ranks (`_MicroBatch.accumulation_steps`), so the average is the gradient of
+        the whole step, the one a single process computes. A parameter no rank has a gradient for keeps none (AdamW
+        skips it, as in one process). Returns the step's loss."""
+        ranks = self.shard[1]
+        if ranks == 1:
+            return loss
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        present = torch.tensor([p.grad is not None for p in params] + [False], dtype=torch.float64,
+                               device=self.device)
+        present[-1] = loss
+        dist.all_reduce(present)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= ranks
+        for p, g, used in zip(params, _unflatten_dense_tensors(flat, grads), present[:-1].tolist()):
+            p.grad = g if used else None
+        return float(present[-1]) / ranks
+
+    def _gather_offpolicy(self, prep: _Prepared) -> None:
+        """Under several ranks, give every rank the importance weights the others computed for their rows (the
+        per-kind metrics read them)."""
+        if self.shard[1] == 1:
+            return
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.shard[1]
+        dist.all_gather_object(parts, (prep.log_ratios, prep.is_weights, prep.truncated))
+        for log_ratios, is_weights, truncated in parts:
+            prep.log_ratios.update(log_ratios)
+            prep.is_weights.update(is_weights)
+            prep.truncated.update(truncated)
+
     def _offpolicy_rows(self, rows: list[int], corrected: torch.Tensor, sampling_logps: dict[int, torch.Tensor],
                         batch: dict[str, torch.Tensor]) -> _OffPolicyRows | None:
         """The padded sampling log-probs of a micro-batch's corrected rows, or None if it has none."""
-        selected = corrected[rows]
+        selected = torch.zeros(batch["completion_ids"].size(0), dtype=torch.bool)  # padding rows: never weighted
+        selected[: len(rows)] = corrected[rows]
         if not selected.any():
             return None
         padded = torch.full(tuple(batch["completion_ids"].shape), float("nan"), dtype=torch.float32)
@@ -813,8 +880,9 @@ class PolicyUpdater:
             self.last_checkpoint = info
         return info
 
-    def load_checkpoint(self, path: str | Path, verify: bool = True) -> CheckpointInfo:
-        """Restore weights (or adapter), optimiser, scheduler, RNG states and counters from a checkpoint folder.
+    def load_checkpoint(self, path: str | Path, verify: bool = True, weights_only: bool = False) -> CheckpointInfo:
+        """Restore weights (or adapter), optimiser, scheduler, RNG states and counters from a checkpoint folder; only
+        the weights with `weights_only` (a process that serves the weights of a trainer elsewhere and never steps).
         Waits for a pending background write first (it may be the folder asked for). A checkpoint whose weights do
         not match its checksum (`verify`), or whose files cannot be read, raises `CheckpointDamaged` before anything
         is restored."""
@@ -835,9 +903,12 @@ class PolicyUpdater:
                 raise CheckpointDamaged(path, info.step, f"{name} is unreadable ({type(e).__name__}: "
                                                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
-        optimizer_state = load_pt("optimizer.pt", map_location=self.device, weights_only=True)
-        scheduler_state = load_pt("scheduler.pt", weights_only=False)
-        rng_state = load_pt("rng.pt", weights_only=False)  # our own file
+        if not weights_only:
+            # a CPU rank's device is cpu:<rank>, a location torch.load cannot restore saved tensors to
+            location = "cpu" if self.device.type == "cpu" else self.device
+            optimizer_state = load_pt("optimizer.pt", map_location=location, weights_only=True)
+            scheduler_state = load_pt("scheduler.pt", weights_only=False)
+            rng_state = load_pt("rng.pt", weights_only=False)  # our own file
         kind = "lora" if self.is_lora else "full"
         if state.get("weights") != kind:
             raise ValueError(f"checkpoint {path} holds {state.get('weights')} weights, this updater trains {kind}")
@@ -858,6 +929,8 @@ class PolicyUpdater:
                 missing = [k for k in missing if not k.endswith("lm_head.weight")]  # saved once, as the embedding
             if missing or unexpected:
                 raise ValueError(f"checkpoint {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if weights_only:
+            return info
         self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(scheduler_state)
         restore_rng_state(rng_state)

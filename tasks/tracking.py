@@ -1,7 +1,8 @@
 """MLflow tracking for lanpo runs: one parent run per flow run, MLflow-safe metric names, offline default store.
 
-A parent run ends FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM); a run whose process died without
-ending it (SIGKILL) is ended KILLED when the run is resumed, and the lost attempt is recorded in its tags.
+A parent run (training or evaluation) ends FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM); a run whose
+process died without ending it (SIGKILL) is ended KILLED, with the lost attempt recorded in its tags, when the next
+parent run of its experiment on the same host starts (at the latest when the run is resumed).
 
 Default store: a SQLite file under `mlruns/` (in the current directory), with artifacts beside it in
 `mlruns/artifacts`, so tracking works with no server; `tracking.mlflow_tracking_uri` or the env variable
@@ -9,18 +10,31 @@ MLFLOW_TRACKING_URI point it anywhere else (an `mlflow server`, Databricks, ...)
 
 A run records its problem sets as dataset inputs (content digests) and, unless `tracking.system_metrics` is off,
 MLflow's system metrics. `run_link` is the run's page in the MLflow UI (or the command that starts a UI on it).
+
+What is logged compares across runs in MLflow's compare view: the realised config as one param per field
+(`log_params` of `RunConfig.flat`: lists of sections indexed, `data.eval.0.name`; lists of values as JSON), the
+overrides as one tag per key (`override_tags`), metric names that do not depend on settings (mean@k is
+`eval/<bench>/mean_at_k`, k is the param `eval.samples`).
+
+Step convention: MLflow step t is training step t, counted from 1. It holds the metrics of that step's stages (the
+rollouts of the policy after t-1 updates, the update that makes policy t) and the evaluation of policy t; step 0 is
+the base policy's evaluation (`eval.at_start`). Rollouts and evaluation predictions are tables (`log_table`, with a
+`step` column: question, gold answer, context, response) and per-step YAML files that keep their real newlines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import posixpath
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,8 +46,12 @@ from lanpo_core.config import RunConfig
 
 if TYPE_CHECKING:
     from lanpo_core.data import ProblemSet
+    from lanpo_core.feedback import FeedbackBatch
+    from lanpo_core.step import Rollout
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# no progress bar on the console (or in Prefect's logs) for each table read back before a step's rows are appended
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -126,9 +144,9 @@ def _attempt_alive(tags: Mapping[str, str]) -> bool | None:
     return abs(started - float(tags.get("lanpo_pid_started", "nan"))) < 0.01
 
 
-def _end_dead_attempt(run_id: str) -> None:
+def _end_dead_attempt(run_id: str, resuming: bool = True) -> None:
     """A run left RUNNING by a process that died without ending it (SIGKILL, OOM killer, power loss) is ended KILLED
-    and the lost attempt recorded, before the new attempt sets it RUNNING again."""
+    and the lost attempt recorded, before a new attempt (`resuming`) sets it RUNNING again."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -139,8 +157,9 @@ def _end_dead_attempt(run_id: str) -> None:
     if alive is None:
         return
     if alive:
-        log.warning("MLflow run %s is RUNNING in live process %s: two attempts of the same run are logging into it",
-                    run_id, run.data.tags["lanpo_pid"])
+        if resuming:
+            log.warning("MLflow run %s is RUNNING in live process %s: two attempts of the same run are logging into "
+                        "it", run_id, run.data.tags["lanpo_pid"])
         return
     lost = int(run.data.tags.get("lanpo_lost_attempts", "0")) + 1
     client.set_tag(run_id, "lanpo_lost_attempts", str(lost))
@@ -174,14 +193,16 @@ def end_active_runs(status: str) -> None:
 
 @contextmanager
 def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-    """Start (or resume) the parent MLflow run of a lanpo run; yields its id. The run ends FINISHED, FAILED (an
-    error) or KILLED (a signal); one an earlier attempt's dead process left RUNNING is first ended KILLED."""
+    """Start (or resume: the same `run_key`) the parent MLflow run of a lanpo run or evaluation; yields its id. The
+    run ends FINISHED, FAILED (an error) or KILLED (a signal). Runs of the experiment that a dead process left
+    RUNNING (an earlier attempt of this one, or any other on this host) are first ended KILLED."""
     import mlflow
 
     exp = experiment_id(cfg)
     existing = find_run(cfg, run_key)
-    if existing is not None:
-        _end_dead_attempt(existing)
+    # every run of the experiment that a dead process left RUNNING, not only this one: evaluations are not resumed
+    for running in mlflow.search_runs([exp], filter_string="attributes.status = 'RUNNING'", output_format="list"):
+        _end_dead_attempt(running.info.run_id, resuming=running.info.run_id == existing)
     # What the `auto` precision settings resolved to on this machine: params of the run as first started, and tags
     # that say what the latest (possibly resumed, possibly on another CPU) attempt used.
     precision = hardware.describe(cfg)
@@ -195,11 +216,7 @@ def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, s
     error: BaseException | None = None
     try:
         if existing is None:
-            params = {safe_name(k): ("" if v is None else str(v))[:6000]
-                      for k, v in {**cfg.flat(), **precision}.items()}
-            items = list(params.items())
-            for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
-                mlflow.log_params(dict(items[i:i + 100]))
+            log_params(run_id, {**cfg.flat(), **precision})
         all_tags = {"lanpo_run_key": run_key, "config_digest": cfg.digest(), "config_source": cfg.source or "",
                     **_attempt_tags()}
         commit = git_commit()
@@ -215,6 +232,34 @@ def parent_run(cfg: RunConfig, run_key: str, run_name: str, tags: Mapping[str, s
     finally:
         if _ACTIVE.pop(run_id, None) is not None:  # not already ended by a forced exit
             mlflow.end_run(end_status(error))
+
+
+def _param_value(value: Any) -> str:
+    """A param's text: lists and mappings as JSON (diffs cleanly in the compare view), None as ""."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Log params with MLflow-safe names, in batches of 100 (MLflow's cap per batch); the realised config is
+    `RunConfig.flat()`, one param per field."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    items = [Param(safe_name(k), _param_value(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        MlflowClient().log_batch(run_id, params=items[i:i + 100])
+
+
+def override_tags(overrides: Sequence[str]) -> dict[str, str]:
+    """The command line's overrides: all of them in `overrides`, and one tag per key (`override.grpo.steps`: `20`),
+    so that the compare view lines up what each run overrode."""
+    tags = {"overrides": " ".join(overrides)[:5000]}
+    for text in overrides:
+        key, _, value = text.partition("=")
+        tags[safe_name(f"override.{key.strip()}")] = value.strip()[:5000]
+    return tags
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int) -> None:
@@ -241,11 +286,96 @@ def log_file(run_id: str, path: str | Path, artifact_dir: str | None = None) -> 
     MlflowClient().log_artifact(run_id, str(path), artifact_dir)
 
 
+def _readable_yaml(rows: Any) -> str:
+    """YAML with multi-line strings as literal blocks: contexts and responses read with their real newlines (PyYAML
+    quotes the few strings a block cannot hold, e.g. with trailing spaces)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(rows, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+def _read_table(run_id: str, artifact_file: str) -> dict[str, list] | None:
+    """A run's table as logged (`{"columns": [...], "data": [[...], ...]}`), None when it has none yet."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, posixpath.dirname(artifact_file) or None)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, artifact_file, tmp)).read_text())
+
+
+def log_table(run_id: str, rows: Sequence[Mapping[str, Any]], artifact_file: str, step: int) -> None:
+    """Append `rows` with a `step` column to the run's table `artifact_file`, which the MLflow UI shows as a table.
+    One file for the whole run: one per step would grow the run's list of tables (`mlflow.loggedArtifacts`, a tag
+    of at most 8000 characters) past its limit in a long run. A step the table already holds is not appended again
+    (a stage repeated after a crash)."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    table = _read_table(run_id, artifact_file)
+    if not rows or (table is not None and step in {row[table["columns"].index("step")] for row in table["data"]}):
+        return
+    new = pd.DataFrame([{"step": step, **row} for row in rows])
+    client = MlflowClient()
+    if table is None:
+        client.log_table(run_id, new, artifact_file)  # also lists it among the run's tables, which the UI shows so
+    else:  # appended here: MLflow's own append reads the file back with pandas' type guessing (gold "7" -> 7)
+        old = pd.DataFrame(table["data"], columns=table["columns"], dtype=object)
+        client.log_text(run_id, pd.concat([old, new], ignore_index=True).to_json(orient="split", index=False),
+                        artifact_file)
+
+
+def completion_rows(problems: Sequence[Any], rollouts: Sequence[Rollout], feedback: FeedbackBatch,
+                    limit: int) -> list[dict[str, Any]]:
+    """One readable row per rollout (the first `limit`): its problem's question and gold answer, the kind, the
+    feedback context it was sampled with (the prompt minus the problem and instruction; None for plain), the
+    response, the extracted answer and the reward."""
+    by_id = {p.id: p for p in problems}
+    rows = []
+    for r in rollouts[:limit]:
+        context = feedback.get(r.problem_id, r.kind)
+        rows.append({"problem_id": r.problem_id, "question": by_id[r.problem_id].question,
+                     "gold": by_id[r.problem_id].answer, "kind": r.kind, "rollout_index": r.rollout_index,
+                     "context": context.context_text if context else None, "response": r.text,
+                     "extracted": r.extracted, "status": r.status, "reward": r.reward,
+                     "finish_reason": r.finish_reason, "completion_tokens": len(r.completion_ids),
+                     "policy_version": r.policy_version, "context_ids": list(r.context_ids)})
+    return rows
+
+
+def log_completions(run_id: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+    """A step's rollouts: rows of the run's `completions.json` table and, readable as text, `rollouts/step-<t>.yaml`."""
+    from mlflow import MlflowClient
+
+    log_table(run_id, rows, "completions.json", step)
+    MlflowClient().log_text(run_id, _readable_yaml(list(rows)), f"rollouts/step-{step:05d}.yaml")
+
+
+PREDICTION_COLUMNS = ("benchmark", "mode", "sample", "question", "gold", "response", "extracted", "status", "reward",
+                      "context", "subject", "level", "problem_id")
+"""The columns of the predictions table, in the order it shows them."""
+
+
+def log_predictions(run_id: str, path: str | Path, step: int) -> None:
+    """An evaluation's predictions (the JSONL file `lanpo_core.evaluate` writes): the file under `eval/`, and its rows
+    in the run's `eval/predictions.json` table."""
+    log_file(run_id, path, "eval")
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    log_table(run_id, [{k: row.get(k) for k in PREDICTION_COLUMNS} for row in rows], "eval/predictions.json", step)
+
+
 def log_curves(run_id: str, prefixes: tuple[str, ...] = ("rollout/reward_", "eval/"), name: str = "curves.png") -> bool:
     """Plot every metric whose name starts with one of `prefixes` against the step (one panel per prefix) and log
     the PNG as an artifact. Returns False when there is nothing to plot."""
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -41,7 +41,7 @@ def test_compare_runs_both_methods_and_reports_what_mlflow_holds(tmp_path, tiny_
         row = next(line for line in text.splitlines() if line.startswith(f"| {variant} | main | 1 |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         # zero-shot greedy and mean@2 (%) as MLflow holds them after the last step
-        for cell, key in zip(cells[3:5], ("greedy", "mean_at_2")):
+        for cell, key in zip(cells[3:5], ("greedy", "mean_at_k")):
             assert float(cell) == pytest.approx(100 * metrics[f"eval/arithmetic-heldout/{key}"], abs=0.05)
         assert int(cells[6]) == 2 * 4 * 4  # rollouts: steps x B x G
         assert summary["reuse_key"]["code"] == code_digest()

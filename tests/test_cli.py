@@ -89,7 +89,9 @@ def test_the_final_table_links_the_mlflow_run(command):
     link = RunLink("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning", command)
     out = io.StringIO()
     _print_run({"steps": 1, "run_key": "r", "checkpoint": None, "mlflow_run_id": "abc",
-                "mlflow_tracking_uri": "sqlite:///m.db", **link.summary()}, 60.0, None, out)
+                "mlflow_tracking_uri": "sqlite:///m.db", **link.summary(), "eval/b/mean_at_k": 0.5,
+                "eval_before": {"eval/b/mean_at_k": 0.25}}, 60.0, None, out, 2)
+    assert "  b mean@2   0.250   0.500" in out.getvalue().splitlines()  # k from eval.samples
     shown = [line for line in out.getvalue().splitlines() if line.startswith("  MLflow UI") or "then open" in line]
     assert shown == ([f"  MLflow UI   {command}", f"              then open {link.url}"] if command
                      else [f"  MLflow UI   {link.url}"])

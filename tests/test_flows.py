@@ -74,7 +74,9 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
 
     from flows.train import lanpo_train
     from lanpo_core.config import load_config
+    from lanpo_core.data import load_problems
     from lanpo_core.pool import ExperiencePool
+    from lanpo_core.runtime import data_dir
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples within a run of seconds
     overrides = tiny_overrides(tiny_model_path, tmp_path / "runs") + ["eval.feedback=true"]
@@ -89,7 +91,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert sorted({name for name, _ in first}) == stages
     assert {s for _, s in first} == {"Completed"}
     names = {r.name for r in task_runs(state.state_details.flow_run_id)}
-    assert {"build-feedback-step0", "update-policy-step1", "evaluate-policy-after2"} <= names, names
+    # named by the step counted from 1, as in MLflow: step 2's update makes the policy evaluated after it
+    assert {"build-feedback-step1", "update-policy-step2", "evaluate-policy-after0", "evaluate-policy-after2"} <= names, names
 
     # The pool holds every rollout of both steps: B=4 problems x G=4 x 2 steps.
     pool = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"], read_only=True)
@@ -97,11 +100,20 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert pool.count(step=1) == 16
 
     client = MlflowClient()
+    cfg = load_config("configs/tiny-cpu.yaml", overrides)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["rollout.num_generations"] == "4"
+    assert (run.data.params["data.eval.0.name"], run.data.params["eval.samples"]) == ("arithmetic-heldout", "1")
+    assert (run.data.tags["override.grpo.steps"], run.data.tags["override.eval.feedback"]) == ("2", "true")
     assert run.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
     assert run.data.metrics["pool/rows"] == 32.0
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "mix/plain")] == [0, 1]
+    # MLflow step t: training step t (from 1) and the evaluation of the policy its update made; 0: the base policy
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+    assert steps("mix/plain") == steps("update/loss") == [1, 2]
+    assert steps("eval/arithmetic-heldout/greedy") == steps("eval/arithmetic-heldout/mean_at_k") == [0, 2]
+    assert not [k for k in run.data.metrics if k.startswith("eval/") and "mean_at_" in k and "mean_at_k" not in k]
     assert "update/loss" in run.data.metrics
     assert "eval/arithmetic-heldout/greedy" in run.data.metrics
     for stage in ("reflection", "abstraction", "generate", "verify", "pool", "update", "sync", "eval",
@@ -114,8 +126,8 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     feedback = [p for p in predictions if p["mode"] == "feedback_greedy"]
     assert len(feedback) == 4
     assert {p["mode"] for p in predictions} == {"sampled", "greedy", "feedback_greedy"}
-    recomputed = accuracy_from_predictions(predictions, k=1)
-    for key in ("feedback_greedy", "feedback_coverage", "greedy"):
+    recomputed = accuracy_from_predictions(predictions)
+    for key in ("feedback_greedy", "feedback_coverage", "greedy", "mean_at_k"):
         assert run.data.metrics[f"eval/arithmetic-heldout/{key}"] == pytest.approx(recomputed[f"eval/arithmetic-heldout/{key}"])
     assert run.data.metrics["eval/arithmetic-heldout/feedback_coverage"] == sum(p["context"] for p in feedback) / 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -134,14 +146,33 @@ def test_train_flow_runs_tracks_and_completes_from_cache(tmp_path, tiny_model_pa
     assert f"id `{flow_run_id}`" in note and "ephemeral API" in note and f"/runs/flow-run/{flow_run_id}" in note
     assert (run.data.tags["mlflow.source.name"], run.data.tags["mlflow.source.type"]) == ("lanpo-train", "JOB")
     assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
-    cfg = load_config("configs/tiny-cpu.yaml", overrides)
     assert run_datasets(run) == expected_datasets(cfg, {0: "training", 1: "evaluation"})
     assert run.data.metrics["system/cpu_utilization_percentage"] >= 0
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
-    rollouts = json.loads(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00001.json",
-                                                         str(tmp_path))).read_text())
-    assert len(rollouts) == 16
-    assert {r["kind"] for r in rollouts} <= {"plain", "reflection", "abstraction"}
+    # every rollout of both steps (B x G = 16 = tracking.log_rollout_samples), readable: question, gold, context
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "completions.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["step"] for r in rows] == [1] * 16 + [2] * 16
+    gold = {p.id: (p.question, p.answer) for p in load_problems(cfg.data.train, data_dir(cfg)).problems}
+    assert all((r["question"], r["gold"]) == gold[r["problem_id"]] for r in rows)
+    assert {r["kind"] for r in rows} <= {"plain", "reflection", "abstraction"}
+    assert all((r["context"] is None) == (r["kind"] == "plain") for r in rows)
+    pool_rows = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"],
+                               read_only=True).table.to_pandas()
+    assert sorted((r["problem_id"], r["rollout_index"], r["response"], r["reward"]) for r in rows) == sorted(
+        pool_rows[["problem_id", "rollout_index", "response", "reward"]].itertuples(index=False, name=None))
+    import yaml
+
+    step2 = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "rollouts/step-00002.yaml",
+                                                          str(tmp_path))).read_text())
+    assert step2 == [{k: v for k, v in r.items() if k != "step"} for r in rows[16:]]
+    # the predictions of both evaluations, with question and gold answer
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/predictions.json",
+                                                      str(tmp_path))).read_text())
+    shown = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert {r["step"] for r in shown} == {0, 2}
+    assert [(r["question"], r["gold"], r["response"]) for r in shown if r["step"] == 2] == [
+        (p["question"], p["gold"], p["response"]) for p in predictions]
 
     # Stage results are JSON (tasks/serializer.py), not pickles that could run code when a resumed run loads them.
     results = sorted((Path(summary["run_dir"]) / "prefect-results").iterdir())
@@ -199,15 +230,23 @@ def test_evaluate_flow_predictions_agree_with_metrics(tmp_path, tiny_model_path,
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert f"id `{state.state_details.flow_run_id}`" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["mlflow.source.name"] == "lanpo-evaluate"
+    assert (run.info.status, run.data.tags["lanpo_kind"], run.data.params["rollout.backend"]) == (
+        "FINISHED", "evaluation", "transformers")
     assert f"/runs/{run.info.run_id}?" in summary["mlflow_run_url"]
     assert run_datasets(run) == expected_datasets(load_config("configs/tiny-cpu.yaml", overrides), {1: "evaluation"})
     assert not [k for k in run.data.metrics if k.startswith("system/")]
     rows = [json.loads(line) for line in open(summary["predictions"])]
     assert len(rows) == 6 * 2 + 6
-    recomputed = accuracy_from_predictions(rows, k=2)
+    recomputed = accuracy_from_predictions(rows)
     for key, value in recomputed.items():
         assert summary[key] == pytest.approx(value)
-    assert "eval/arithmetic-heldout/mean_at_2" in recomputed
+    assert "eval/arithmetic-heldout/mean_at_k" in recomputed  # k is the param eval.samples
+    assert (run.data.params["eval.samples"], run.data.tags["override.eval.samples"]) == ("2", "2")
+    table = json.loads(Path(MlflowClient().download_artifacts(run.info.run_id, "eval/predictions.json",
+                                                              str(tmp_path))).read_text())
+    shown = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["step"], r["question"], r["gold"], r["status"]) for r in shown] == [
+        (0, r["question"], r["gold"], r["status"]) for r in rows]
 
 
 # ------------------------------------------------------------------------------------------- crash and resume

@@ -154,6 +154,48 @@ def test_a_training_run_on_the_server_backend(server, tmp_path, monkeypatch):
     assert "eval/arithmetic-heldout/greedy" in summary
 
 
+def test_a_training_run_on_the_server_and_a_two_rank_trainer(server, tmp_path, monkeypatch):
+    """The third placement on 127.0.0.1: rollouts and evaluation on the server, the update on a 2-rank gloo trainer
+    (`lanpo trainer`), driven by the same flow; the trainer writes every checkpoint and exits after the last step."""
+    import psutil
+
+    from flows.train import lanpo_train
+    from lanpo_core.checkpoint import read_state
+    from lanpo_core.pool import ExperiencePool
+    from lanpo_core.trainer import HEARTBEAT, read_json
+    from test_trainer import _kill, _ranks_started, _start_trainer
+
+    url, _ = server
+    channel = tmp_path / "channel"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    overrides = ["rollout.backend=vllm-server", f'rollout.server.urls=["{url}"]', "rollout.temperature=1.0",
+                 "rollout.logprobs=raw", "grpo.steps=2", "rollout.batch_problems=2", "rollout.max_new_tokens=16",
+                 "lanpo.abstraction.max_new_tokens=16", "eval.limit=4", "eval.samples=1", "eval.every=0",
+                 "eval.max_new_tokens=8", f"paths.runs_dir={tmp_path / 'runs'}", "update.placement=trainer",
+                 f"update.trainer.channel={channel}", "update.trainer.poll_seconds=0.2"]
+    proc = _start_trainer(channel, tmp_path / "trainer.log")
+    try:
+        procs = _ranks_started(proc)
+        state = lanpo_train("configs/tiny-cpu.yaml", overrides, "trainer-run", return_state=True)
+        assert state.is_completed(), state.message
+        assert proc.wait(timeout=120) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        psutil.wait_procs(procs, timeout=30)
+    finally:
+        _kill(proc)
+    summary = state.result()
+    assert summary["steps"] == 2
+    pool = ExperiencePool(Path(summary["run_dir"]) / "pool", run_id=summary["run_key"], read_only=True)
+    assert pool.count() == 2 * 2 * 4  # steps x problems x G, as in-process
+    heartbeat = read_json(channel / HEARTBEAT)
+    assert (len(heartbeat["ranks"]), heartbeat["step"], heartbeat["state"]) == (2, 2, "stopped")
+    for step in (1, 2):  # each step's checkpoint is the trainer's answer to the flow's request for it
+        answer = read_json(channel / "responses" / f"step-{step:06d}.json")
+        assert answer["error"] is None and read_state(answer["checkpoint"])["checksum"] == answer["checksum"]
+    assert Path(answer["checkpoint"]).is_relative_to(summary["run_dir"])
+    assert summary["checkpoint_checksum"] == answer["checksum"]  # the run ends on the trainer's last checkpoint
+    assert "eval/arithmetic-heldout/greedy" in summary
+
+
 def test_a_server_that_goes_down_fails_with_its_url(server, smollm2_path):
     """Last in this file: it stops the module's server."""
     url, proc = server
@@ -164,3 +206,4 @@ def test_a_server_that_goes_down_fails_with_its_url(server, smollm2_path):
         engine.generate(_arith([(1, 2)], n=1), SamplingSpec(temperature=0.0, max_new_tokens=4))
     assert time.monotonic() - started < 30
     engine.close()
+

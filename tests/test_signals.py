@@ -225,16 +225,23 @@ def test_a_run_left_running_by_a_dead_process_is_ended_killed_on_resume(tmp_path
     code = ("import os, sys, time\nfrom lanpo_core.config import load_config\nfrom tasks import tracking\n"
             "cfg = load_config(sys.argv[1])\nwith tracking.parent_run(cfg, 'dead', 'dead') as run_id:\n"
             "    print(run_id, flush=True)\n    time.sleep(60)\n")
-    dead = subprocess.Popen([sys.executable, "-c", code, str(REPO / "configs" / "tiny-cpu.yaml")], cwd=REPO,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
-    run_id = dead.stdout.readline().strip()
-    dead.kill()
-    dead.wait()
+    ids = {}
+    for key in ("dead", "never-resumed"):  # the second like an evaluation: a run of its own, never resumed
+        dead = subprocess.Popen([sys.executable, "-c", code.replace("'dead'", repr(key)),
+                                 str(REPO / "configs" / "tiny-cpu.yaml")], cwd=REPO, env=_env(tmp_path),
+                                stdout=subprocess.PIPE, text=True)
+        ids[key] = dead.stdout.readline().strip()
+        dead.kill()
+        dead.wait()
+    run_id = ids["dead"]
     client = MlflowClient(uri)
-    assert client.get_run(run_id).info.status == "RUNNING"
+    # the second attempt's start ended the first, dead by then; nothing has ended the second yet
+    assert {k: client.get_run(i).info.status for k, i in ids.items()} == {"dead": "KILLED", "never-resumed": "RUNNING"}
     seen = []
     with tracking.parent_run(cfg, "dead", "dead") as resumed:
         seen.append(client.get_run(resumed).info.status)
+        other = client.get_run(ids["never-resumed"])
+        assert (other.info.status, other.data.tags["lanpo_lost_attempts"]) == ("KILLED", "1")
     run = client.get_run(run_id)
     assert resumed == run_id and seen == ["RUNNING"]
     assert run.info.status == "FINISHED"

@@ -171,7 +171,7 @@ def test_core_train_without_prefect_matches_the_flow(tmp_path, tiny_model_path, 
                                                "reward"]].itertuples(index=False))
 
     assert rows(tmp_path / "core-run", "core-run") == rows(Path(flow["run_dir"]), flow["run_key"])
-    assert [step for step, _ in logged] == [0, 0, 1, 2]  # eval before, step 0, step 1, eval after the last
+    assert [step for step, _ in logged] == [0, 1, 2, 2]  # eval before, steps 1 and 2, eval after step 2
     assert "update/loss" in logged[1][1]
     assert "time/sync_seconds" in logged[1][1]
 

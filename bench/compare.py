@@ -631,7 +631,7 @@ def diagnostics_section(arms: Arms) -> list[str]:
 
 
 def time_section(arms: Arms) -> list[str]:
-    lines = ["## Time per training step by stage (s, steps >= 1, mean over steps and seeds)", "",
+    lines = ["## Time per training step by stage (s, mean over the steps after the first and over seeds)", "",
              "| arm | " + " | ".join(STAGES) + " | total | eval |", "|---|" + "---|" * (len(STAGES) + 2)]
     for v in arms.names:
         runs = arms.of(v)
@@ -641,7 +641,9 @@ def time_section(arms: Arms) -> list[str]:
     return lines + ["", "`reflection`/`abstraction`: building the contexts (abstraction includes the abstractor's "
                     "generation); `generate`: the rollout engine call; `verify`: scoring; `pool`: the LanceDB write; "
                     "`update`: the optimiser step; `sync`: checkpoint write plus the rollout engine's weight sync. "
-                    "Step 0 is left out (its generation includes starting the vLLM engine).", ""]
+                    "The first step is left out (its generation includes starting the vLLM engine). Times of runs made "
+                    "while other work shared the 2 cores (driver.log) are inflated: compare times within a sitting.",
+                    ""]
 
 
 def mechanism_section(m: dict) -> list[str]:

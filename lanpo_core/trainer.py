@@ -198,6 +198,7 @@ class Trainer:
         self.heartbeat = _Heartbeat(self.channel, everyone, heartbeat_seconds) if self.rank == 0 else None
         self.updater = None
         self.run_dir: str | None = None
+        self._answered: dict[Path, tuple[int, int]] = {}  # request file -> (mtime, size) when found answered
 
     # ------------------------------------------------------------------------------------------ collectives
     def _gather(self, obj: Any) -> list[Any]:
@@ -224,12 +225,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def _pending(self) -> dict[str, Any] | None:
-        """(rank 0) The lowest-step request without a response of its digest."""
+        """(rank 0) The lowest-step request without a response of its digest. A request holds a whole step's samples:
+        one answered and unchanged since (same mtime and size) is not read again at every poll."""
         for path in sorted((self.channel / "requests").glob("step-*.json")):
+            stat = path.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+            if self._answered.get(path) == version:
+                continue
             request = read_json(path)
             answer = read_json(response_path(self.channel, request["step"]))
             if answer is None or answer["request"] != request["digest"]:
                 return request
+            self._answered[path] = version
         return None
 
     def serve(self) -> None:
